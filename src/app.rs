@@ -1,0 +1,375 @@
+//! The composition root: [`App`] holds every domain service, serves the HTTP router
+//! ([`App::serve`]) and runs the background tasks (hold sweep, tool-list TTL refresh and
+//! list-changed watches, idle upstream session reaper), all children of one
+//! cancellation token and awaited on shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::accounts::AccountError;
+use crate::auth::{KeyError, Signer, SigningError};
+use crate::billing::{BillingError, Ledger};
+use crate::catalog::{Catalog, CatalogError, Server, ServerStatus};
+use crate::config::Config;
+use crate::gateway::notify::Notifier;
+use crate::security::EndpointPolicy;
+use crate::store::{Store, StoreError, now_ms};
+use crate::upstream::{UpstreamError, Upstreams};
+
+/// How often the reaper closes idle upstream sessions.
+const REAP_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the refresher looks for stale tool lists and servers without a watch.
+const REFRESH_SCAN_INTERVAL: Duration = Duration::from_secs(60);
+/// Longest pause between reconnects of a list-changed watch.
+const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Extra time, beyond a server's timeout, before a hold counts as abandoned (ms).
+pub const HOLD_GRACE_MS: i64 = 60_000;
+
+/// Errors that cross domains (the CLI and the REST API map them).
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A catalog error.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// A billing error.
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+    /// A key error.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// An account error.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    /// A signing error.
+    #[error(transparent)]
+    Signing(#[from] SigningError),
+    /// An upstream error while fetching tools.
+    #[error("fetching the server's tools failed: {0}")]
+    Upstream(#[from] UpstreamError),
+    /// A store error.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A configuration error.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A socket or file error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Every service of a running marketplace. Shared as `Arc<App>`.
+#[derive(Debug)]
+pub struct App {
+    /// Resolved configuration.
+    pub config: Config,
+    /// The database.
+    pub store: Store,
+    /// The ledger.
+    pub ledger: Ledger,
+    /// The catalog.
+    pub catalog: Catalog,
+    /// The signing key.
+    pub signer: Signer,
+    /// Upstream sessions.
+    pub upstreams: Upstreams,
+    /// Open downstream MCP sessions, for `notifications/tools/list_changed`.
+    pub notifier: Notifier,
+    /// Endpoint URL policy.
+    pub policy: EndpointPolicy,
+    refresh_tx: mpsc::UnboundedSender<String>,
+    refresh_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    watches: DashMap<String, CancellationToken>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl App {
+    /// Connects the store (migrating it), loads or makes the signing key, and refunds
+    /// holds left by a previous process (the sweep at start).
+    ///
+    /// # Errors
+    /// [`AppError::Store`], [`AppError::Signing`], [`AppError::Upstream`].
+    pub async fn new(config: Config) -> Result<Arc<Self>, AppError> {
+        let store = Store::connect(&config.database_url).await?;
+        Self::with_store(config, store).await
+    }
+
+    /// As [`App::new`] on an already connected store.
+    ///
+    /// # Errors
+    /// As [`App::new`].
+    pub async fn with_store(config: Config, store: Store) -> Result<Arc<Self>, AppError> {
+        let signer = Signer::load_or_create(&store).await?;
+        let ledger = Ledger::new(store.clone());
+        let swept = ledger.sweep_expired_holds(now_ms()).await?;
+        if swept > 0 {
+            tracing::warn!(swept, "refunded holds left by an earlier process");
+        }
+        let (refresh_tx, refresh_rx) = mpsc::unbounded_channel();
+        Ok(Arc::new(Self {
+            upstreams: Upstreams::new(config.max_response_bytes, config.session_idle.as_millis() as i64)?,
+            policy: EndpointPolicy { allowed_hosts: config.allow_upstream_hosts.clone() },
+            catalog: Catalog::new(store.clone()),
+            notifier: Notifier::default(),
+            config,
+            ledger,
+            signer,
+            store,
+            refresh_tx,
+            refresh_rx: std::sync::Mutex::new(Some(refresh_rx)),
+            watches: DashMap::new(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }))
+    }
+
+    /// Approves `slug`: fetches its tools (the server must answer), caches them, marks
+    /// it active and starts watching it for `list_changed`. On a fetch failure nothing
+    /// changes.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`] (unknown server), [`AppError::Upstream`].
+    pub async fn approve(self: &Arc<Self>, slug: &str) -> Result<Server, AppError> {
+        let server = self.catalog.get(slug).await?;
+        let secret = self.catalog.secret(&server.id).await?;
+        let tools = self.upstreams.fetch_tools(&server, &secret).await?;
+        self.catalog.replace_tools(&server, &tools).await?;
+        let server = self.catalog.set_status(slug, ServerStatus::Active).await?;
+        self.start_watch(&server);
+        self.notify_server(&server.id).await;
+        Ok(server)
+    }
+
+    /// Suspends `slug`: hidden from every `tools/list`, not callable, its upstream
+    /// sessions and watch closed.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`].
+    pub async fn suspend(&self, slug: &str) -> Result<Server, AppError> {
+        let server = self.catalog.set_status(slug, ServerStatus::Suspended).await?;
+        if let Some((_, token)) = self.watches.remove(&server.id) {
+            token.cancel();
+        }
+        self.upstreams.close_server(&server.id).await;
+        self.notify_server(&server.id).await;
+        Ok(server)
+    }
+
+    /// Installs `slug` for `account_id` and tells the account's open sessions.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`].
+    pub async fn install(&self, account_id: &str, slug: &str) -> Result<bool, AppError> {
+        let added = self.catalog.install(account_id, slug).await?;
+        if added {
+            self.notifier.tools_changed(&[account_id.to_owned()], None);
+        }
+        Ok(added)
+    }
+
+    /// Uninstalls `slug` for `account_id` and tells the account's open sessions.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`].
+    pub async fn uninstall(&self, account_id: &str, slug: &str) -> Result<bool, AppError> {
+        let removed = self.catalog.uninstall(account_id, slug).await?;
+        if removed {
+            self.notifier.tools_changed(&[account_id.to_owned()], None);
+        }
+        Ok(removed)
+    }
+
+    /// Re-reads the tool list of `server_id` and, when it changed, tells every session
+    /// that sees the server. Returns whether it changed.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`], [`AppError::Upstream`].
+    pub async fn refresh_tools(&self, server_id: &str) -> Result<bool, AppError> {
+        let server = self.catalog.get_by_id(server_id).await?;
+        if !server.status.is_callable() {
+            return Ok(false);
+        }
+        let secret = self.catalog.secret(&server.id).await?;
+        let tools = self.upstreams.fetch_tools(&server, &secret).await?;
+        let changed = self.catalog.replace_tools(&server, &tools).await?;
+        if changed {
+            tracing::info!(server = %server.slug, "upstream tool list changed");
+            self.notify_server(&server.id).await;
+        }
+        Ok(changed)
+    }
+
+    /// Asks the background refresher to re-read `server_id`'s tools (an upstream sent
+    /// `notifications/tools/list_changed`).
+    pub fn request_refresh(&self, server_id: &str) {
+        let _ = self.refresh_tx.send(server_id.to_owned());
+    }
+
+    async fn notify_server(&self, server_id: &str) {
+        match (self.catalog.installed_by(server_id).await, self.catalog.get_by_id(server_id).await) {
+            (Ok(accounts), Ok(server)) => self.notifier.tools_changed(&accounts, Some(&server.slug)),
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cannot notify sessions of a tool change"),
+        }
+    }
+
+    /// Starts the `list_changed` watch of `server` unless one runs.
+    fn start_watch(self: &Arc<Self>, server: &Server) {
+        if self.watches.contains_key(&server.id) || self.shutdown.is_cancelled() {
+            return;
+        }
+        let token = self.shutdown.child_token();
+        self.watches.insert(server.id.clone(), token.clone());
+        let app = self.clone();
+        let server_id = server.id.clone();
+        self.tasks.spawn(async move {
+            app.watch(server_id.clone(), token).await;
+            app.watches.remove(&server_id);
+        });
+    }
+
+    /// Keeps a standalone SSE stream open to the upstream and refreshes the cached tools
+    /// on each `notifications/tools/list_changed`; reconnects with capped backoff, stops
+    /// when the server is no longer callable or offers no stream.
+    async fn watch(self: &Arc<Self>, server_id: String, token: CancellationToken) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let Ok(server) = self.catalog.get_by_id(&server_id).await else { return };
+            if !server.status.is_callable() {
+                return;
+            }
+            let Ok(secret) = self.catalog.secret(&server.id).await else { return };
+            let Some(session) = self.upstreams.detached_session(&server, &secret) else { return };
+            let tx = self.refresh_tx.clone();
+            let id = server_id.clone();
+            let on_message = move |m: Value| {
+                if m.get("method").and_then(Value::as_str) == Some("notifications/tools/list_changed") {
+                    let _ = tx.send(id.clone());
+                }
+            };
+            let outcome = tokio::select! {
+                r = session.listen(&on_message) => r,
+                () = token.cancelled() => { session.close().await; return; }
+            };
+            session.close().await;
+            match outcome {
+                Err(UpstreamError::HttpStatus(405)) => {
+                    tracing::debug!(server = %server.slug, "upstream offers no notification stream; relying on the TTL refresh");
+                    return;
+                }
+                Ok(()) => backoff = Duration::from_secs(1),
+                Err(e) => tracing::debug!(server = %server.slug, error = %e, "list_changed watch broke"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = token.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(WATCH_MAX_BACKOFF);
+        }
+    }
+
+    /// Serves the marketplace on `listener` until `shutdown` is cancelled, then stops
+    /// the background tasks and closes upstream sessions.
+    ///
+    /// # Errors
+    /// [`AppError::Io`] when serving fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> Result<(), AppError> {
+        self.spawn_background();
+        let router = crate::gateway::router(self.clone());
+        let app = self.clone();
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                app.shutdown.cancel();
+            })
+            .await;
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.upstreams.close_all().await;
+        result.map_err(AppError::Io)
+    }
+
+    /// The token cancelled when the marketplace shuts down (rmcp sessions use it).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    fn spawn_background(self: &Arc<Self>) {
+        let token = self.shutdown.clone();
+        // The hold sweep.
+        let app = self.clone();
+        let t = token.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(app.config.sweep_interval);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = t.cancelled() => return,
+                }
+                match app.ledger.sweep_expired_holds(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(refunded = n, "hold sweep refunded abandoned calls"),
+                    Err(e) => tracing::error!(error = %e, "hold sweep failed"),
+                }
+            }
+        });
+        // The idle session reaper.
+        let app = self.clone();
+        let t = token.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(REAP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = t.cancelled() => return,
+                }
+                app.upstreams.reap_idle().await;
+            }
+        });
+        // The tool-list refresher: list_changed requests, plus a TTL scan that also
+        // starts watches for servers approved elsewhere (the CLI, another replica).
+        let rx = self.refresh_rx.lock().ok().and_then(|mut r| r.take());
+        let Some(mut rx) = rx else { return };
+        let app = self.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH_SCAN_INTERVAL.min(app.config.tools_ttl));
+            loop {
+                tokio::select! {
+                    Some(server_id) = rx.recv() => {
+                        if let Err(e) = app.refresh_tools(&server_id).await {
+                            tracing::warn!(error = %e, "tool list refresh failed");
+                        }
+                    }
+                    _ = tick.tick() => app.scan().await,
+                    () = token.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    async fn scan(self: &Arc<Self>) {
+        let cutoff = now_ms() - self.config.tools_ttl.as_millis() as i64;
+        match self.catalog.stale_tool_lists(cutoff).await {
+            Ok(ids) => {
+                for id in ids {
+                    if let Err(e) = self.refresh_tools(&id).await {
+                        tracing::warn!(error = %e, "TTL tool list refresh failed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot scan for stale tool lists"),
+        }
+        if let Ok(servers) = self.catalog.list().await {
+            for s in servers.iter().filter(|s| s.status.is_callable()) {
+                self.start_watch(s);
+            }
+        }
+    }
+}

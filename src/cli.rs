@@ -1,0 +1,567 @@
+//! The `mcp-marketplace` command line (DESIGN.md "Command line"). Admin commands work
+//! on the database directly; `register` is the creator's command and talks to a running
+//! marketplace's REST API. Every reporting command takes `--json`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, AppError};
+use crate::auth::accounts::{create_account, find_account};
+use crate::auth::keys::{NewKey, create_key, list_keys, parse_allow_tools, parse_scopes, parse_spend_limit, revoke_key};
+use crate::billing::pricing::{MAX_GRANT_MICROS, format_pricing, format_usd, parse_usd};
+use crate::billing::{Ledger, Receipt};
+use crate::config::{Config, Overrides};
+use crate::store::Store;
+
+/// One MCP URL for every paid MCP server.
+#[derive(Debug, Parser)]
+#[command(name = "mcp-marketplace", version, about)]
+pub struct Cli {
+    /// Database URL: sqlite://FILE or postgres://…
+    #[arg(long, global = true, env = "MCP_MARKETPLACE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// A TOML configuration file.
+    #[arg(long, global = true, env = "MCP_MARKETPLACE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the marketplace (MCP at /mcp, REST at /api/v1).
+    Serve(ServeArgs),
+    /// Serve with the example upstream servers registered, installed and funded.
+    Demo(ServeArgs),
+    /// Manage accounts.
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Grant credits.
+    #[command(subcommand)]
+    Credits(CreditsCommand),
+    /// Manage listed servers.
+    #[command(subcommand)]
+    Servers(ServersCommand),
+    /// Register a server with a running marketplace (creators).
+    Register(RegisterArgs),
+    /// Read and check the ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+    /// Check receipts.
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
+}
+
+/// Flags of `serve` and `demo`.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// HOST:PORT to listen on (default 127.0.0.1:8080).
+    #[arg(long, env = "MCP_MARKETPLACE_LISTEN")]
+    pub listen: Option<String>,
+    /// The URL clients and upstreams know the marketplace by (default http://LISTEN).
+    #[arg(long, env = "MCP_MARKETPLACE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// A host (HOST or HOST:PORT) upstreams may use over http; repeatable.
+    #[arg(long = "allow-upstream-host")]
+    pub allow_upstream_hosts: Vec<String>,
+}
+
+/// `accounts …`
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Create an account.
+    Create {
+        /// Its unique name.
+        name: String,
+    },
+}
+
+/// `keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key (shown once).
+    Create {
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// Comma-separated: invoke, catalog:read, servers:write, admin.
+        #[arg(long, default_value = "invoke,catalog:read")]
+        scopes: String,
+        /// Comma-separated globs over namespaced tool names, e.g. 'calendar__*'.
+        #[arg(long)]
+        allow_tools: Option<String>,
+        /// AMOUNT/day or AMOUNT/month, e.g. 5.00/day.
+        #[arg(long)]
+        spend_limit: Option<String>,
+        /// Lifetime, e.g. 30d.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List an account's keys.
+    List {
+        /// The account.
+        #[arg(long)]
+        account: String,
+    },
+    /// Revoke a key by id or prefix.
+    Revoke {
+        /// Key id or its 12-character prefix.
+        key: String,
+    },
+}
+
+/// `credits …`
+#[derive(Debug, Subcommand)]
+pub enum CreditsCommand {
+    /// Grant USD credits to an account's wallet.
+    Grant {
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// USD, e.g. 10.00.
+        #[arg(long)]
+        amount: String,
+    },
+}
+
+/// `servers …`
+#[derive(Debug, Subcommand)]
+pub enum ServersCommand {
+    /// List every server.
+    List,
+    /// Approve a server: fetch its tools and make it active.
+    Approve {
+        /// Its slug.
+        slug: String,
+    },
+    /// Suspend a server.
+    Suspend {
+        /// Its slug.
+        slug: String,
+    },
+    /// Install a server for an account.
+    Install {
+        /// Its slug.
+        slug: String,
+        /// The account.
+        #[arg(long)]
+        account: String,
+    },
+    /// Uninstall a server for an account.
+    Uninstall {
+        /// Its slug.
+        slug: String,
+        /// The account.
+        #[arg(long)]
+        account: String,
+    },
+}
+
+/// Flags of `register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Display name.
+    #[arg(long)]
+    pub name: String,
+    /// Endpoint URL; repeat for replicas.
+    #[arg(long = "endpoint", required = true)]
+    pub endpoints: Vec<String>,
+    /// free or <decimal>_per_request.
+    #[arg(long)]
+    pub pricing: String,
+    /// Slug (default: from the name).
+    #[arg(long)]
+    pub slug: Option<String>,
+    /// Description.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Category; repeatable.
+    #[arg(long = "category")]
+    pub categories: Vec<String>,
+    /// TOOL=USD price override; repeatable.
+    #[arg(long = "tool-price")]
+    pub tool_prices: Vec<String>,
+    /// Per-call upstream timeout (default 30s, at most 300s).
+    #[arg(long)]
+    pub timeout: Option<String>,
+    /// The marketplace's base URL.
+    #[arg(long, env = "MCP_MARKETPLACE_URL", default_value = "http://127.0.0.1:8080")]
+    pub marketplace: String,
+    /// A key with scope servers:write.
+    #[arg(long, env = "MCP_MARKETPLACE_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+}
+
+/// `ledger …`
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Balances of an account, or of the platform.
+    Balance {
+        /// The account.
+        #[arg(long, conflicts_with = "platform", required_unless_present = "platform")]
+        account: Option<String>,
+        /// The platform's revenue and holds.
+        #[arg(long)]
+        platform: bool,
+    },
+    /// Check every ledger invariant; exit 1 when one is broken.
+    Verify,
+}
+
+/// `receipt …`
+#[derive(Debug, Subcommand)]
+pub enum ReceiptCommand {
+    /// Verify a receipt's signature.
+    Verify {
+        /// A JSON file holding the receipt (or a tool result carrying it).
+        file: PathBuf,
+        /// Verify against a JWKS URL instead of the database's keys.
+        #[arg(long)]
+        jwks: Option<String>,
+    },
+}
+
+/// A failed command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A domain error.
+    #[error(transparent)]
+    App(#[from] AppError),
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// The marketplace's REST API refused or failed.
+    #[error("{0}")]
+    Remote(String),
+}
+
+fn config(cli: &Cli, serve: Option<&ServeArgs>) -> Result<Config, CliError> {
+    let overrides = Overrides {
+        listen: serve.and_then(|s| s.listen.clone()),
+        database_url: cli.database_url.clone(),
+        public_url: serve.and_then(|s| s.public_url.clone()),
+        allow_upstream_hosts: serve.map(|s| s.allow_upstream_hosts.clone()).unwrap_or_default(),
+    };
+    Config::resolve(cli.config.as_deref(), overrides).map_err(|e| CliError::App(e.into()))
+}
+
+fn print(json_mode: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if json_mode {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+/// [`CliError`] with a message for the user.
+pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let j = cli.json;
+    match &cli.command {
+        Command::Serve(args) => {
+            let config = config(&cli, Some(args))?;
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", config.listen)))?;
+            let app = App::new(config).await?;
+            tracing::info!(url = %format!("{}/mcp", app.config.public_url), "serving");
+            let token = CancellationToken::new();
+            let t = token.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                t.cancel();
+            });
+            app.serve(listener, token).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            let mut config = config(&cli, Some(args))?;
+            if cli.database_url.is_none() {
+                config.database_url = crate::demo::demo_database_url();
+            }
+            crate::demo::run(config, j).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Accounts(AccountsCommand::Create { name }) => {
+            let store = store(&cli).await?;
+            let a = create_account(&store, name).await.map_err(AppError::from)?;
+            print(j, json!({"account": a.name, "id": a.id}), || format!("created account {} ({})", a.name, a.id));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(cmd) => keys(&cli, cmd, j).await,
+        Command::Credits(CreditsCommand::Grant { account, amount }) => {
+            let micros = parse_usd(amount, MAX_GRANT_MICROS).map_err(|e| CliError::Usage(e.to_string()))?;
+            if micros == 0 {
+                return Err(CliError::Usage("the amount must be above zero".into()));
+            }
+            let store = store(&cli).await?;
+            let a = find_account(&store, account).await.map_err(AppError::from)?;
+            let balance = Ledger::new(store)
+                .topup(&a.id, micros, "credits grant")
+                .await
+                .map_err(AppError::from)?;
+            print(
+                j,
+                json!({"account": a.name, "granted_micros": micros, "wallet_micros": balance}),
+                || format!("granted ${} to {}; wallet now ${}", format_usd(micros), a.name, format_usd(balance)),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Servers(cmd) => servers(&cli, cmd, j).await,
+        Command::Register(args) => register(args, j).await,
+        Command::Ledger(cmd) => ledger(&cli, cmd, j).await,
+        Command::Receipt(ReceiptCommand::Verify { file, jwks }) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("{} is not JSON: {e}", file.display())))?;
+            let receipt = Receipt::from_json(&value).map_err(|e| CliError::Usage(e.to_string()))?;
+            let keys = match jwks {
+                Some(url) => {
+                    crate::install_crypto_provider();
+                    let doc: serde_json::Value = reqwest::get(url)
+                        .await
+                        .map_err(|e| CliError::Remote(format!("cannot fetch {url}: {e}")))?
+                        .json()
+                        .await
+                        .map_err(|e| CliError::Remote(format!("{url} is not a JWKS: {e}")))?;
+                    crate::auth::signing::keys_from_jwks(&doc)
+                }
+                None => {
+                    let store = store(&cli).await?;
+                    let signer = crate::auth::Signer::load_or_create(&store).await.map_err(AppError::from)?;
+                    crate::auth::signing::keys_from_jwks(&signer.jwks())
+                }
+            };
+            match receipt.verify(&keys) {
+                Ok(()) => {
+                    print(j, json!({"valid": true, "call_id": receipt.call_id, "outcome": receipt.outcome,
+                        "charged_micros": receipt.charged_micros}), || {
+                        format!("valid receipt: call {} {} ${}", receipt.call_id, receipt.outcome,
+                            format_usd(receipt.charged_micros))
+                    });
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    print(j, json!({"valid": false, "error": e.to_string()}), || format!("INVALID receipt: {e}"));
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
+}
+
+async fn store(cli: &Cli) -> Result<Store, CliError> {
+    let config = config(cli, None)?;
+    Store::connect(&config.database_url).await.map_err(|e| CliError::App(e.into()))
+}
+
+async fn app(cli: &Cli) -> Result<Arc<App>, CliError> {
+    let config = config(cli, None)?;
+    Ok(App::new(config).await?)
+}
+
+async fn keys(cli: &Cli, cmd: &KeysCommand, j: bool) -> Result<ExitCode, CliError> {
+    let usage = |e: crate::auth::KeyError| CliError::Usage(e.to_string());
+    match cmd {
+        KeysCommand::Create { account, scopes, allow_tools, spend_limit, expires } => {
+            let new = NewKey {
+                scopes: parse_scopes(scopes).map_err(usage)?,
+                allow_tools: allow_tools.as_deref().map(parse_allow_tools).transpose().map_err(usage)?.unwrap_or_default(),
+                spend_limit: spend_limit.as_deref().map(parse_spend_limit).transpose().map_err(usage)?,
+                expires_in: expires
+                    .as_deref()
+                    .map(|e| humantime::parse_duration(e).map_err(|_| CliError::Usage(format!("invalid --expires '{e}' (e.g. 30d)"))))
+                    .transpose()?,
+            };
+            let store = store(cli).await?;
+            let (record, key) = create_key(&store, account, &new).await.map_err(AppError::from)?;
+            let scopes: Vec<_> = record.scopes.iter().map(|s| s.as_str()).collect();
+            print(
+                j,
+                json!({"key_id": record.key_id, "key": key, "prefix": record.prefix, "account": record.account, "scopes": scopes}),
+                || format!("{key}\n(key id {}; shown once, store it now)", record.key_id),
+            );
+        }
+        KeysCommand::List { account } => {
+            let store = store(cli).await?;
+            let keys = list_keys(&store, account).await.map_err(AppError::from)?;
+            print(j, json!({"keys": keys}), || {
+                keys.iter()
+                    .map(|k| {
+                        let scopes: Vec<_> = k.scopes.iter().map(|s| s.as_str()).collect();
+                        format!("{}  {}  {}{}", k.key_id, k.prefix, scopes.join(","), if k.revoked_at.is_some() { "  (revoked)" } else { "" })
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        KeysCommand::Revoke { key } => {
+            let store = store(cli).await?;
+            let id = revoke_key(&store, key).await.map_err(AppError::from)?;
+            print(j, json!({"key_id": id, "revoked": true}), || format!("revoked key {id}"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn servers(cli: &Cli, cmd: &ServersCommand, j: bool) -> Result<ExitCode, CliError> {
+    match cmd {
+        ServersCommand::List => {
+            let store = store(cli).await?;
+            let servers = crate::catalog::Catalog::new(store).list().await.map_err(AppError::from)?;
+            let rows: Vec<_> = servers
+                .iter()
+                .map(|s| json!({"slug": s.slug, "name": s.name, "status": s.status, "price_micros": s.price_micros,
+                                "pricing": format_pricing(s.price_micros)}))
+                .collect();
+            print(j, json!({"servers": rows}), || {
+                servers
+                    .iter()
+                    .map(|s| format!("{:<32} {:<15} {}", s.slug, s.status.as_str(), format_pricing(s.price_micros)))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        ServersCommand::Approve { slug } => {
+            let app = app(cli).await?;
+            let s = app.approve(slug).await?;
+            let tools = app.catalog.tools_of_server(&s.id).await.map_err(AppError::from)?;
+            print(j, json!({"slug": s.slug, "status": s.status, "tools": tools.len()}), || {
+                format!("approved {} ({} tools)", s.slug, tools.len())
+            });
+        }
+        ServersCommand::Suspend { slug } => {
+            let app = app(cli).await?;
+            let s = app.suspend(slug).await?;
+            print(j, json!({"slug": s.slug, "status": s.status}), || format!("suspended {}", s.slug));
+        }
+        ServersCommand::Install { slug, account } | ServersCommand::Uninstall { slug, account } => {
+            let app = app(cli).await?;
+            let a = find_account(&app.store, account).await.map_err(AppError::from)?;
+            let install = matches!(cmd, ServersCommand::Install { .. });
+            let changed = if install { app.install(&a.id, slug).await? } else { app.uninstall(&a.id, slug).await? };
+            print(j, json!({"slug": slug, "account": a.name, "installed": install, "changed": changed}), || {
+                format!("{} {slug} for {}", if install { "installed" } else { "uninstalled" }, a.name)
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ledger(cli: &Cli, cmd: &LedgerCommand, j: bool) -> Result<ExitCode, CliError> {
+    let store = store(cli).await?;
+    let ledger = Ledger::new(store.clone());
+    match cmd {
+        LedgerCommand::Balance { account: Some(name), .. } => {
+            let a = find_account(&store, name).await.map_err(AppError::from)?;
+            let b = ledger.account_balance(&a.id).await.map_err(AppError::from)?;
+            print(
+                j,
+                json!({"account": a.name, "wallet_micros": b.wallet_micros, "holds_micros": b.holds_micros,
+                       "earnings_micros": b.earnings_micros}),
+                || format!("{}: wallet ${}, holds ${}, earnings ${}", a.name, format_usd(b.wallet_micros),
+                    format_usd(b.holds_micros), format_usd(b.earnings_micros)),
+            );
+        }
+        LedgerCommand::Balance { .. } => {
+            let p = ledger.platform_balance().await.map_err(AppError::from)?;
+            print(j, json!({"revenue_micros": p.revenue_micros, "holds_micros": p.holds_micros}), || {
+                format!("platform: revenue ${}, holds ${}", format_usd(p.revenue_micros), format_usd(p.holds_micros))
+            });
+        }
+        LedgerCommand::Verify => {
+            let broken = ledger.verify().await.map_err(AppError::from)?;
+            let ok = broken.is_empty();
+            print(j, json!({"ok": ok, "broken": broken}), || {
+                if ok { "ledger ok: every invariant holds".to_owned() } else { format!("LEDGER BROKEN:\n{}", broken.join("\n")) }
+            });
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn register(args: &RegisterArgs, j: bool) -> Result<ExitCode, CliError> {
+    let mut tool_prices = serde_json::Map::new();
+    for tp in &args.tool_prices {
+        let (tool, price) = tp
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--tool-price '{tp}' must be TOOL=USD, e.g. create_event=0.05")))?;
+        tool_prices.insert(tool.to_owned(), json!(price));
+    }
+    let body = json!({
+        "name": args.name,
+        "slug": args.slug,
+        "description": args.description,
+        "categories": args.categories,
+        "endpoints": args.endpoints,
+        "pricing": args.pricing,
+        "tool_prices": tool_prices,
+        "timeout": args.timeout,
+    });
+    crate::install_crypto_provider();
+    let url = format!("{}/api/v1/servers", args.marketplace.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&args.api_key)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| CliError::Remote(format!("cannot reach the marketplace at {}: {e}", args.marketplace)))?;
+    let status = response.status();
+    let value: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| CliError::Remote(format!("the marketplace answered HTTP {status} without JSON: {e}")))?;
+    if !status.is_success() {
+        let message = value.pointer("/error/message").and_then(|m| m.as_str()).unwrap_or("request refused");
+        return Err(CliError::Remote(format!("registration refused (HTTP {}): {message}", status.as_u16())));
+    }
+    print(j, value.clone(), || {
+        format!(
+            "registered '{}' ({}); it waits for review.\nX-MCP-Marketplace-Secret: {}\n(shown once: configure your server to require it)",
+            value["slug"].as_str().unwrap_or(""),
+            value["status"].as_str().unwrap_or(""),
+            value["secret"].as_str().unwrap_or("")
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}

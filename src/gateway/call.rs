@@ -1,0 +1,332 @@
+//! One `tools/call`, in the order of DESIGN.md "One tools/call, in order":
+//!
+//! 1. authenticate (the middleware checked the key; here: scope `invoke`, allow-list);
+//! 2. resolve `{slug}__{tool}` to an installed server (or the one-server endpoint's);
+//!    a server that is not callable fails with `upstream_unavailable`;
+//! 3. rate limit and 4. circuit breaker: not part of this layer yet (the trust and
+//!    reliability layers add them here);
+//! 5. reserve the price (one transaction; insufficient credits or the key's spend
+//!    limit refuse the call before anything is sent);
+//! 6. forward over the (account, server) upstream session, with the secret, a signed
+//!    per-call token and `X-Request-Id`, under the server's timeout, streaming progress
+//!    and log messages back;
+//! 7. settle on success; refund on any failure (transport, timeout, HTTP ≥ 500,
+//!    JSON-RPC error, `isError: true`, client cancellation);
+//! 8. attach the signed receipt.
+
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, MetaObject, ProgressNotificationParam, ProgressToken,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, RoleServer};
+use serde_json::{Value, json};
+
+use super::Caller;
+use super::tools::{MARKETPLACE_PREFIX, call_marketplace, internal, tool_error, unknown_tool};
+use crate::app::{App, HOLD_GRACE_MS};
+use crate::auth::Scope;
+use crate::auth::signing::{UPSTREAM_TOKEN_TTL_SECS, UpstreamClaims, now_secs};
+use crate::billing::pricing::format_usd;
+use crate::billing::receipts::RECEIPT_META_KEY;
+use crate::billing::{BillingError, Outcome, Receipt, Reservation};
+use crate::store::now_ms;
+use crate::upstream::UpstreamError;
+use crate::upstream::client::{REQUEST_ID_HEADER, TOKEN_HEADER, headers};
+
+/// Runs one `tools/call` for `caller`.
+///
+/// # Errors
+/// A JSON-RPC error only for calls that cannot be routed: `unknown_tool` (also for a
+/// tool the key may not use) or an internal failure. Every other failure is a tool
+/// result with `isError: true` and `_meta["mcp-marketplace/error"]`.
+pub async fn call_tool(
+    app: &App,
+    caller: &Caller,
+    request: CallToolRequestParams,
+    ctx: &RequestContext<RoleServer>,
+) -> Result<CallToolResult, ErrorData> {
+    let key = &caller.key;
+    let name = request.name.to_string();
+    let args = request.arguments.unwrap_or_default();
+
+    // 1. Authenticate: the key may call tools at all, and this one.
+    if caller.slug.is_none() && name.starts_with(MARKETPLACE_PREFIX) {
+        if !key.allows_tool(&name) {
+            return Err(unknown_tool(&name));
+        }
+        return call_marketplace(app, caller, &name, args).await;
+    }
+    if !key.has_scope(Scope::Invoke) {
+        return Err(unknown_tool(&name));
+    }
+
+    // 2. Resolve.
+    let (server, tool) = match &caller.slug {
+        None => app.catalog.resolve(&key.account_id, &name).await.map_err(internal)?,
+        Some(slug) => match app.catalog.get(slug).await {
+            Ok(server) => app
+                .catalog
+                .tool_of_server(&server.id, &name)
+                .await
+                .map_err(internal)?
+                .map(|t| (server, t)),
+            Err(_) => None,
+        },
+    }
+    .ok_or_else(|| unknown_tool(&name))?;
+    if !key.allows_tool(&tool.namespaced_name) {
+        return Err(unknown_tool(&name));
+    }
+    if !server.status.is_callable() {
+        if server.status == crate::catalog::ServerStatus::Suspended
+            || server.status == crate::catalog::ServerStatus::PendingReview
+        {
+            return Err(unknown_tool(&name));
+        }
+        return Ok(tool_error(
+            "upstream_unavailable",
+            format!("The server '{}' is unavailable right now. You were not charged; try again later.", server.slug),
+            Some(60),
+        ));
+    }
+
+    // 5. Reserve.
+    let call_id = uuid::Uuid::now_v7().to_string();
+    let price = if server.owner_account_id == key.account_id { 0 } else { server.price_of(&tool.name) };
+    let reservation = Reservation {
+        call_id: call_id.clone(),
+        account_id: key.account_id.clone(),
+        key_id: key.key_id.clone(),
+        server_id: server.id.clone(),
+        tool: tool.name.clone(),
+        price_micros: price,
+        fee_bps: app.config.platform_fee_bps,
+        hold_expires_at: now_ms() + server.timeout_ms + HOLD_GRACE_MS,
+        spend_limit: key.spend_limit.clone(),
+    };
+    match app.ledger.reserve(&reservation).await {
+        Ok(_) => {}
+        Err(BillingError::InsufficientCredits { price_micros, balance_micros }) => {
+            return Ok(tool_error(
+                "insufficient_credits",
+                format!(
+                    "This call costs ${} but your marketplace wallet holds ${}. Add credits, then retry. \
+                     You were not charged.",
+                    format_usd(price_micros),
+                    format_usd(balance_micros)
+                ),
+                None,
+            ));
+        }
+        Err(BillingError::SpendLimit { limit_micros, period, .. }) => {
+            return Ok(tool_error(
+                "spend_limit",
+                format!(
+                    "This key's spend limit of ${} per {period} is reached. You were not charged.",
+                    format_usd(limit_micros)
+                ),
+                None,
+            ));
+        }
+        Err(e) => return Err(internal(e)),
+    }
+
+    // 6. Forward.
+    let started = Instant::now();
+    let forwarded = forward(app, caller, &server, &tool.name, args, &call_id, price, ctx).await;
+    let latency_ms = started.elapsed().as_millis() as i64;
+
+    // 7. Settle or refund.
+    let (mut result, failure) = match forwarded {
+        Ok(result) if result.is_error != Some(true) => (result, None),
+        Ok(result) => (result, Some("upstream_error")),
+        Err(Failure::Cancelled) => (
+            tool_error("cancelled", "The call was cancelled. You were not charged.".into(), None),
+            Some("cancelled"),
+        ),
+        Err(Failure::Upstream(e)) => {
+            let timeout_s = server.timeout_ms / 1000;
+            let message = match &e {
+                UpstreamError::Timeout => format!(
+                    "The server '{}' did not answer within {timeout_s} s. You were not charged; try again later.",
+                    server.slug
+                ),
+                UpstreamError::Connect => format!(
+                    "The server '{}' could not be reached. You were not charged; try again later.",
+                    server.slug
+                ),
+                UpstreamError::TooLarge(cap) => format!(
+                    "The server '{}' answered with more than {cap} bytes, which the marketplace does not pass on. \
+                     You were not charged; ask for less data.",
+                    server.slug
+                ),
+                other => format!("The server '{}' failed: {other}. You were not charged.", server.slug),
+            };
+            let retry = matches!(e, UpstreamError::Timeout | UpstreamError::Connect).then_some(30);
+            (tool_error(e.kind(), message, retry), Some(e.kind()))
+        }
+    };
+    let (outcome, balance_after) = match failure {
+        None => match app.ledger.settle(&call_id, latency_ms).await {
+            Ok(b) => (Outcome::Settled, b),
+            // Swept as abandoned while the upstream was slow: the caller keeps the result
+            // and is not charged.
+            Err(BillingError::NotReserved(_)) => (Outcome::Refunded, wallet(app, &key.account_id).await?),
+            Err(e) => return Err(internal(e)),
+        },
+        Some(kind) => {
+            if result.is_error == Some(true) && kind == "upstream_error" {
+                mark_error(&mut result, kind);
+            }
+            match app.ledger.refund(&call_id, kind, latency_ms).await {
+                Ok(b) => (Outcome::Refunded, b),
+                Err(BillingError::NotReserved(_)) => (Outcome::Refunded, wallet(app, &key.account_id).await?),
+                Err(e) => return Err(internal(e)),
+            }
+        }
+    };
+    tracing::info!(%call_id, server = %server.slug, tool = %tool.name, outcome = outcome.as_str(), latency_ms, "call");
+
+    // 8. Receipt.
+    let receipt = Receipt {
+        call_id,
+        account: key.account_name.clone(),
+        key_id: key.key_id.clone(),
+        server: server.slug.clone(),
+        tool: tool.name.clone(),
+        price_micros: price,
+        charged_micros: if outcome == Outcome::Settled { price } else { 0 },
+        outcome: outcome.as_str().to_owned(),
+        balance_after_micros: balance_after,
+        issued_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        kid: String::new(),
+        sig: String::new(),
+    }
+    .sign(&app.signer)
+    .map_err(internal)?;
+    let meta = result.meta.get_or_insert_with(|| MetaObject(serde_json::Map::new()));
+    meta.0.insert(RECEIPT_META_KEY.into(), serde_json::to_value(&receipt).map_err(internal)?);
+    Ok(result)
+}
+
+async fn wallet(app: &App, account_id: &str) -> Result<i64, ErrorData> {
+    Ok(app.ledger.account_balance(account_id).await.map_err(internal)?.wallet_micros)
+}
+
+/// Adds `_meta["mcp-marketplace/error"]` to an upstream's own error result, which
+/// otherwise passes through unchanged.
+fn mark_error(result: &mut CallToolResult, kind: &str) {
+    let meta = result.meta.get_or_insert_with(|| MetaObject(serde_json::Map::new()));
+    meta.0.insert(super::tools::ERROR_META_KEY.into(), json!({"kind": kind, "retry_after_s": null}));
+}
+
+enum Failure {
+    Upstream(UpstreamError),
+    Cancelled,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    app: &App,
+    caller: &Caller,
+    server: &crate::catalog::Server,
+    tool: &str,
+    args: serde_json::Map<String, Value>,
+    call_id: &str,
+    price: i64,
+    ctx: &RequestContext<RoleServer>,
+) -> Result<CallToolResult, Failure> {
+    let key = &caller.key;
+    let secret = app
+        .catalog
+        .secret(&server.id)
+        .await
+        .map_err(|_| Failure::Upstream(UpstreamError::Protocol("server secret unavailable".into())))?;
+    let session = app
+        .upstreams
+        .session(&key.account_id, server, &secret)
+        .ok_or(Failure::Upstream(UpstreamError::Connect))?;
+    let now = now_secs();
+    let token = app
+        .signer
+        .upstream_token(&UpstreamClaims {
+            iss: app.config.public_url.clone(),
+            aud: server.slug.clone(),
+            sub: app.signer.pseudonym(&key.account_id, &server.id),
+            jti: call_id.to_owned(),
+            iat: now,
+            exp: now + UPSTREAM_TOKEN_TTL_SECS,
+            tool: tool.to_owned(),
+            price_micros: price,
+        })
+        .map_err(|_| Failure::Upstream(UpstreamError::Protocol("cannot sign the upstream token".into())))?;
+    let extra = headers(&[(TOKEN_HEADER, &token), (REQUEST_ID_HEADER, call_id)]);
+
+    // Upstream progress uses our own token (the call id) so two client sessions of one
+    // account never mix; it is mapped back to the client's token here.
+    let client_token = ctx.meta.get_progress_token();
+    let mut params = json!({"name": tool, "arguments": args});
+    if client_token.is_some() {
+        params["_meta"] = json!({"progressToken": call_id});
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let peer = ctx.peer.clone();
+    let our_token = call_id.to_owned();
+    let forwarder = tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            relay(&peer, &message, &our_token, client_token.as_ref()).await;
+        }
+    });
+    let on_message = |message: Value| {
+        if message.get("method").and_then(Value::as_str) == Some("notifications/tools/list_changed") {
+            app.request_refresh(&server.id);
+        } else {
+            let _ = tx.send(message);
+        }
+    };
+    let timeout = Duration::from_millis(server.timeout_ms as u64);
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, session.request("tools/call", params, &extra, &on_message)) => match r {
+            Ok(Ok(result)) => serde_json::from_value::<CallToolResult>(result)
+                .map_err(|_| Failure::Upstream(UpstreamError::Protocol("the result is not a CallToolResult".into()))),
+            Ok(Err(e)) => Err(Failure::Upstream(e)),
+            Err(_) => Err(Failure::Upstream(UpstreamError::Timeout)),
+        },
+        () = ctx.ct.cancelled() => Err(Failure::Cancelled),
+    };
+    drop(tx);
+    let _ = forwarder.await;
+    outcome
+}
+
+// Logging is deprecated by SEP-2577 but upstreams on protocol versions up to 2025-11-25
+// still send it, and clients of those versions still show it.
+#[allow(deprecated)]
+/// Passes one upstream message to the client: progress for this call (with the
+/// client's token), log messages; a `tools/list_changed` is not relayed (the catalog
+/// refresh handles it).
+async fn relay(peer: &rmcp::Peer<RoleServer>, message: &Value, our_token: &str, client_token: Option<&ProgressToken>) {
+    let method = message.get("method").and_then(Value::as_str).unwrap_or("");
+    let params = message.get("params").cloned().unwrap_or(Value::Null);
+    match method {
+        "notifications/progress" => {
+            let Some(client_token) = client_token else { return };
+            if params.get("progressToken").and_then(Value::as_str) != Some(our_token) {
+                return;
+            }
+            let mut p = params;
+            p["progressToken"] = serde_json::to_value(client_token).unwrap_or(Value::Null);
+            if let Ok(p) = serde_json::from_value::<ProgressNotificationParam>(p) {
+                let _ = peer.notify_progress(p).await;
+            }
+        }
+        "notifications/message" => {
+            if let Ok(p) = serde_json::from_value::<rmcp::model::LoggingMessageNotificationParam>(params) {
+                let _ = peer.notify_logging_message(p).await;
+            }
+        }
+        _ => {}
+    }
+}

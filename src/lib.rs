@@ -1,0 +1,48 @@
+//! # mcp-marketplace
+//!
+//! One MCP URL for every paid MCP server. The marketplace is itself a streamable-HTTP
+//! MCP server: it merges the tools of the upstream servers an account installed under
+//! `{slug}__{tool}` names, forwards each `tools/call` to the upstream over JSON-RPC, and
+//! meters it with a double-entry ledger debit that is refunded when the call fails.
+//!
+//! The map of the house (see `../shared/DESIGN.md` for the product contract):
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`gateway`] | the downstream MCP server: `/mcp` and `/servers/{slug}/mcp`, tool listing, the call path ([`gateway::call`]) |
+//! | [`upstream`] | upstream MCP sessions per (account, server), forwarding, tool-list fetches |
+//! | [`billing`] | prices in micros, the two-phase ledger, signed receipts |
+//! | [`auth`] | accounts, API keys and scopes, the Ed25519 signing key and upstream tokens |
+//! | [`security`] | endpoint URL policy |
+//! | [`catalog`] | servers, endpoints, prices, status, cached tools and their namespaced names, installs |
+//! | [`store`] | the sqlx pool (SQLite or PostgreSQL), migrations, transactions |
+//! | [`api`] | the REST API (`/api/v1/…`) |
+//! | [`config`] | flags, TOML file and `MCP_MARKETPLACE_*` variables |
+//! | [`app`] | the composition root: services, router, background tasks, shutdown |
+//! | [`cli`] | the `mcp-marketplace` command line |
+//! | [`demo`] | `mcp-marketplace demo` and the example upstream servers of `examples/` |
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod billing;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod security;
+pub mod store;
+pub mod upstream;
+
+/// Installs rustls' ring crypto provider for this process (idempotent). Every HTTP
+/// client the marketplace builds calls it first.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider is installed already, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

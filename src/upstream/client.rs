@@ -1,0 +1,456 @@
+//! A JSON-RPC client for one upstream MCP session over streamable HTTP
+//! (MCP 2025-06-18 "Transports"), written for forwarding rather than for an SDK's
+//! convenience:
+//!
+//! - the marketplace chooses its own JSON-RPC ids (a counter per session), so requests
+//!   in flight never share an id whatever the clients sent (DESIGN.md pitfalls);
+//! - each request carries its own headers (the per-call token and `X-Request-Id`);
+//! - a POST may be answered with `application/json` or with an SSE stream; on a stream,
+//!   notifications and requests that precede the response are handed to the caller
+//!   (progress, log messages, `list_changed`);
+//! - the response body is capped in bytes, and failures are classified so the call
+//!   path can pick the error kind (connect → unavailable, HTTP ≥ 500, timeout, …);
+//! - an HTTP 404 on a request that carried `Mcp-Session-Id` means the upstream lost the
+//!   session: the session is re-initialized once and the request resent (it was never
+//!   processed, so this is safe even for non-idempotent tools);
+//! - redirects are never followed (SSRF), `TCP_NODELAY` is set.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::{Value, json};
+
+use crate::store::now_ms;
+
+/// The protocol version the marketplace offers upstreams in `initialize`.
+pub const UPSTREAM_PROTOCOL_VERSION: &str = "2025-06-18";
+/// Default cap on one upstream response body (10 MiB).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 10 * 1024 * 1024;
+/// TCP connect timeout toward upstreams.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The header carrying the per-server secret.
+pub const SECRET_HEADER: &str = "x-mcp-marketplace-secret";
+/// The header carrying the per-call token.
+pub const TOKEN_HEADER: &str = "x-mcp-marketplace-token";
+/// The header carrying the call id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Why an upstream exchange failed. Messages never carry the upstream URL or secrets.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// No TCP/TLS connection could be made (refused, unreachable, DNS).
+    #[error("the upstream server could not be reached")]
+    Connect,
+    /// The exchange outlived its deadline.
+    #[error("the upstream server did not answer in time")]
+    Timeout,
+    /// The upstream answered with an HTTP error status.
+    #[error("the upstream server answered HTTP {0}")]
+    HttpStatus(u16),
+    /// The upstream lost our session (HTTP 404 on a request with `Mcp-Session-Id`).
+    #[error("the upstream server lost the session")]
+    SessionExpired,
+    /// The response was not valid MCP over streamable HTTP.
+    #[error("the upstream server sent an invalid response: {0}")]
+    Protocol(String),
+    /// A JSON-RPC error response.
+    #[error("the upstream server returned JSON-RPC error {code}: {message}")]
+    JsonRpc {
+        /// JSON-RPC error code.
+        code: i64,
+        /// Its message.
+        message: String,
+    },
+    /// The response body exceeded the cap (bytes).
+    #[error("the upstream response exceeded {0} bytes")]
+    TooLarge(usize),
+    /// The connection broke mid-exchange.
+    #[error("the connection to the upstream server broke")]
+    Transport,
+}
+
+impl UpstreamError {
+    /// The client-facing error kind of DESIGN.md "Errors a client sees".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect => "upstream_unavailable",
+            Self::Timeout => "upstream_timeout",
+            Self::TooLarge(_) => "response_too_large",
+            Self::HttpStatus(_)
+            | Self::SessionExpired
+            | Self::Protocol(_)
+            | Self::JsonRpc { .. }
+            | Self::Transport => "upstream_error",
+        }
+    }
+
+    fn from_reqwest(err: &reqwest::Error) -> Self {
+        if err.is_timeout() {
+            Self::Timeout
+        } else if err.is_connect() {
+            Self::Connect
+        } else {
+            Self::Transport
+        }
+    }
+}
+
+/// Builds the shared HTTP client for upstream traffic: no redirects, `TCP_NODELAY`,
+/// rustls.
+///
+/// # Errors
+/// [`UpstreamError::Protocol`] if the TLS backend cannot be initialized.
+pub fn http_client() -> Result<reqwest::Client, UpstreamError> {
+    crate::install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("mcp-marketplace/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| UpstreamError::Protocol(format!("HTTP client: {e}")))
+}
+
+#[derive(Debug, Clone)]
+struct SessionInfo {
+    session_id: Option<String>,
+    protocol_version: String,
+}
+
+/// One MCP session with one upstream endpoint. Shared by the calls of one
+/// (account, server) pair; requests may run concurrently.
+#[derive(Debug)]
+pub struct UpstreamSession {
+    http: reqwest::Client,
+    url: String,
+    secret: HeaderValue,
+    state: tokio::sync::Mutex<Option<SessionInfo>>,
+    next_id: AtomicI64,
+    last_used_ms: AtomicI64,
+    max_response_bytes: usize,
+}
+
+/// Receives the notifications and requests an upstream sends before its response.
+pub type OnMessage<'a> = &'a (dyn Fn(Value) + Send + Sync);
+
+impl UpstreamSession {
+    /// A session (not yet initialized) with `url`, sending `secret` as
+    /// `X-MCP-Marketplace-Secret` on every request and capping response bodies at
+    /// `max_response_bytes`.
+    pub fn new(http: reqwest::Client, url: String, secret: &str, max_response_bytes: usize) -> Self {
+        Self {
+            http,
+            url,
+            secret: HeaderValue::from_str(secret).unwrap_or_else(|_| HeaderValue::from_static("")),
+            state: tokio::sync::Mutex::new(None),
+            next_id: AtomicI64::new(1),
+            last_used_ms: AtomicI64::new(now_ms()),
+            max_response_bytes,
+        }
+    }
+
+    /// When the session last sent a request, epoch ms.
+    pub fn last_used_ms(&self) -> i64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    /// Sends request `method` with `params` and `extra` headers, initializing the
+    /// session first if needed and once more if the upstream lost it. Returns the
+    /// JSON-RPC `result`. Messages that arrive before the response go to `on_message`.
+    /// The caller bounds the time (drop the future to abort).
+    ///
+    /// # Errors
+    /// Every [`UpstreamError`] but `SessionExpired`, which is handled here.
+    pub async fn request(
+        &self,
+        method: &str,
+        params: Value,
+        extra: &HeaderMap,
+        on_message: OnMessage<'_>,
+    ) -> Result<Value, UpstreamError> {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        let mut reinitialized = false;
+        loop {
+            let info = self.session(reinitialized).await?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+            match self.post(&body, Some(&info), extra, Some(id), on_message).await {
+                Err(UpstreamError::SessionExpired) if !reinitialized => {
+                    tracing::debug!("upstream lost the session; re-initializing once");
+                    reinitialized = true;
+                }
+                Err(UpstreamError::SessionExpired) => return Err(UpstreamError::HttpStatus(404)),
+                Ok(Some(result)) => return Ok(result),
+                Ok(None) => return Err(UpstreamError::Protocol("no response to a request".into())),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Ends the session: `DELETE` with `Mcp-Session-Id` (best effort).
+    pub async fn close(&self) {
+        let info = self.state.lock().await.take();
+        if let Some(SessionInfo { session_id: Some(id), protocol_version }) = info {
+            let _ = self
+                .http
+                .delete(&self.url)
+                .header("mcp-session-id", id)
+                .header("mcp-protocol-version", protocol_version)
+                .header(SECRET_HEADER, self.secret.clone())
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+        }
+    }
+
+    /// The current session, initialized if there is none or `renew` is set.
+    async fn session(&self, renew: bool) -> Result<SessionInfo, UpstreamError> {
+        let mut state = self.state.lock().await;
+        if renew {
+            *state = None;
+        }
+        if let Some(info) = state.as_ref() {
+            return Ok(info.clone());
+        }
+        let info = self.initialize().await?;
+        *state = Some(info.clone());
+        Ok(info)
+    }
+
+    async fn initialize(&self) -> Result<SessionInfo, UpstreamError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = json!({
+            "jsonrpc": "2.0", "id": id, "method": "initialize",
+            "params": {
+                "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "mcp-marketplace", "version": env!("CARGO_PKG_VERSION")},
+            }
+        });
+        let (session_id, result) = self.post_initialize(&body, id).await?;
+        let protocol_version = result
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(UPSTREAM_PROTOCOL_VERSION)
+            .to_owned();
+        let info = SessionInfo { session_id, protocol_version };
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        self.post(&note, Some(&info), &HeaderMap::new(), None, &|_| {}).await?;
+        Ok(info)
+    }
+
+    async fn post_initialize(&self, body: &Value, id: i64) -> Result<(Option<String>, Value), UpstreamError> {
+        let response = self.send(body, None, &HeaderMap::new()).await?;
+        let session_id = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let result = self.read_response(response, Some(id), &|_| {}).await?;
+        let result = result.ok_or_else(|| UpstreamError::Protocol("no initialize result".into()))?;
+        Ok((session_id, result))
+    }
+
+    async fn send(
+        &self,
+        body: &Value,
+        info: Option<&SessionInfo>,
+        extra: &HeaderMap,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header(http::header::ACCEPT, "application/json, text/event-stream")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(SECRET_HEADER, self.secret.clone())
+            .headers(extra.clone())
+            .body(body.to_string());
+        if let Some(info) = info {
+            if let Some(id) = &info.session_id {
+                req = req.header("mcp-session-id", id);
+            }
+            req = req.header("mcp-protocol-version", &info.protocol_version);
+        }
+        let response = req.send().await.map_err(|e| UpstreamError::from_reqwest(&e))?;
+        let status = response.status();
+        if status == http::StatusCode::NOT_FOUND && info.is_some_and(|i| i.session_id.is_some()) {
+            return Err(UpstreamError::SessionExpired);
+        }
+        if !status.is_success() {
+            return Err(UpstreamError::HttpStatus(status.as_u16()));
+        }
+        Ok(response)
+    }
+
+    async fn post(
+        &self,
+        body: &Value,
+        info: Option<&SessionInfo>,
+        extra: &HeaderMap,
+        expect_id: Option<i64>,
+        on_message: OnMessage<'_>,
+    ) -> Result<Option<Value>, UpstreamError> {
+        let response = self.send(body, info, extra).await?;
+        self.read_response(response, expect_id, on_message).await
+    }
+
+    /// Reads a POST's answer: 202/empty for notifications, a JSON body, or an SSE stream
+    /// that ends with the response to `expect_id`.
+    async fn read_response(
+        &self,
+        response: reqwest::Response,
+        expect_id: Option<i64>,
+        on_message: OnMessage<'_>,
+    ) -> Result<Option<Value>, UpstreamError> {
+        let Some(expect_id) = expect_id else {
+            return Ok(None);
+        };
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let cap = self.max_response_bytes;
+        if content_type.starts_with("text/event-stream") {
+            let seen = Arc::new(AtomicUsize::new(0));
+            let over = Arc::new(AtomicBool::new(false));
+            let (seen2, over2) = (seen.clone(), over.clone());
+            let bytes = response.bytes_stream().map(move |chunk| {
+                let chunk = chunk.map_err(|e| CapError(e.to_string()))?;
+                if seen2.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len() > cap {
+                    over2.store(true, Ordering::Relaxed);
+                    return Err(CapError("response too large".into()));
+                }
+                Ok(chunk)
+            });
+            let mut events = std::pin::pin!(sse_stream::SseStream::from_bytes_stream(bytes));
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(e) => e,
+                    Err(_) if over.load(Ordering::Relaxed) => return Err(UpstreamError::TooLarge(cap)),
+                    Err(_) => return Err(UpstreamError::Transport),
+                };
+                let Some(data) = event.data.filter(|d| !d.trim().is_empty()) else {
+                    continue;
+                };
+                let message: Value = serde_json::from_str(&data)
+                    .map_err(|_| UpstreamError::Protocol("an SSE event is not JSON".into()))?;
+                if let Some(result) = match_response(&message, expect_id)? {
+                    return Ok(Some(result));
+                }
+                on_message(message);
+            }
+            Err(UpstreamError::Protocol("the stream ended without a response".into()))
+        } else if content_type.starts_with("application/json") {
+            let mut body = Vec::new();
+            let mut response = response;
+            while let Some(chunk) = response.chunk().await.map_err(|e| UpstreamError::from_reqwest(&e))? {
+                if body.len() + chunk.len() > cap {
+                    return Err(UpstreamError::TooLarge(cap));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            let message: Value = serde_json::from_slice(&body)
+                .map_err(|_| UpstreamError::Protocol("the body is not JSON".into()))?;
+            let messages = match message {
+                Value::Array(batch) => batch,
+                one => vec![one],
+            };
+            for m in messages {
+                if let Some(result) = match_response(&m, expect_id)? {
+                    return Ok(Some(result));
+                }
+                on_message(m);
+            }
+            Err(UpstreamError::Protocol("no response with our id".into()))
+        } else {
+            Err(UpstreamError::Protocol("unexpected content type".into()))
+        }
+    }
+
+    /// Opens the standalone GET SSE stream of the session (MCP "Listening for Messages
+    /// from the Server") and hands each message to `on_message` until the stream ends.
+    ///
+    /// # Errors
+    /// [`UpstreamError::HttpStatus`] when the upstream offers no stream (405), or any
+    /// connect/transport error.
+    pub async fn listen(&self, on_message: OnMessage<'_>) -> Result<(), UpstreamError> {
+        let info = self.session(false).await?;
+        let mut req = self
+            .http
+            .get(&self.url)
+            .header(http::header::ACCEPT, "text/event-stream")
+            .header(SECRET_HEADER, self.secret.clone())
+            .header("mcp-protocol-version", &info.protocol_version);
+        if let Some(id) = &info.session_id {
+            req = req.header("mcp-session-id", id);
+        }
+        let response = req.send().await.map_err(|e| UpstreamError::from_reqwest(&e))?;
+        if !response.status().is_success() {
+            return Err(UpstreamError::HttpStatus(response.status().as_u16()));
+        }
+        let bytes = response.bytes_stream().map(|c| c.map_err(|e| CapError(e.to_string())));
+        let mut events = std::pin::pin!(sse_stream::SseStream::from_bytes_stream(bytes));
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else {
+                return Err(UpstreamError::Transport);
+            };
+            if let Some(message) = event.data.and_then(|d| serde_json::from_str::<Value>(&d).ok()) {
+                on_message(message);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error inside the capped byte stream.
+#[derive(Debug)]
+struct CapError(String);
+
+impl std::fmt::Display for CapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CapError {}
+
+/// If `message` is the response to `id`, its result (or its error as `Err`).
+fn match_response(message: &Value, id: i64) -> Result<Option<Value>, UpstreamError> {
+    if message.get("method").is_some() || message.get("id").and_then(Value::as_i64) != Some(id) {
+        return Ok(None);
+    }
+    if let Some(error) = message.get("error") {
+        return Err(UpstreamError::JsonRpc {
+            code: error.get("code").and_then(Value::as_i64).unwrap_or(-32603),
+            message: error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .chars()
+                .take(500)
+                .collect(),
+        });
+    }
+    message
+        .get("result")
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| UpstreamError::Protocol("a response without result or error".into()))
+}
+
+/// Builds a header map from pairs, skipping values that are not valid header text.
+pub fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            map.insert(HeaderName::from_static(name), v);
+        }
+    }
+    map
+}

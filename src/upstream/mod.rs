@@ -1,0 +1,154 @@
+//! Upstreams: the marketplace's side of every upstream MCP server. [`client`] speaks
+//! MCP over streamable HTTP; [`Upstreams`] keeps one session per (account, server),
+//! opened lazily and closed when idle, so no account ever shares upstream session state
+//! with another, and fetches tool lists for the catalog.
+
+pub mod client;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use http::HeaderMap;
+use serde_json::{Value, json};
+
+pub use client::{UpstreamError, UpstreamSession};
+
+use crate::catalog::Server;
+use crate::store::now_ms;
+
+/// Most `tools/list` pages read from one upstream (a server that pages forever stops
+/// here).
+pub const MAX_LIST_PAGES: usize = 20;
+/// Deadline of a whole tool-list fetch.
+pub const TOOL_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// An (account, server) session unused this long is closed (ms).
+pub const DEFAULT_SESSION_IDLE_MS: i64 = 5 * 60 * 1000;
+
+/// The pool of upstream sessions plus the shared HTTP client.
+#[derive(Debug)]
+pub struct Upstreams {
+    http: reqwest::Client,
+    sessions: DashMap<(String, String), Arc<UpstreamSession>>,
+    max_response_bytes: usize,
+    idle_ms: i64,
+}
+
+impl Upstreams {
+    /// A pool capping every response at `max_response_bytes` and closing sessions idle
+    /// for `idle_ms`.
+    ///
+    /// # Errors
+    /// [`UpstreamError::Protocol`] if the HTTP client cannot be built.
+    pub fn new(max_response_bytes: usize, idle_ms: i64) -> Result<Self, UpstreamError> {
+        Ok(Self {
+            http: client::http_client()?,
+            sessions: DashMap::new(),
+            max_response_bytes,
+            idle_ms,
+        })
+    }
+
+    /// A session not bound to any account (tool-list fetches and list-changed watches).
+    pub fn detached_session(&self, server: &Server, secret: &str) -> Option<UpstreamSession> {
+        let url = server.endpoints.first()?;
+        Some(UpstreamSession::new(self.http.clone(), url.clone(), secret, self.max_response_bytes))
+    }
+
+    /// The session of `account_id` with `server`, created (not yet initialized) on first
+    /// use. `None` when the server has no endpoint.
+    pub fn session(&self, account_id: &str, server: &Server, secret: &str) -> Option<Arc<UpstreamSession>> {
+        let key = (account_id.to_owned(), server.id.clone());
+        if let Some(s) = self.sessions.get(&key) {
+            return Some(s.clone());
+        }
+        let session = Arc::new(self.detached_session(server, secret)?);
+        Some(self.sessions.entry(key).or_insert(session).clone())
+    }
+
+    /// Number of open (account, server) sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Closes sessions idle longer than the idle timeout; returns how many.
+    pub async fn reap_idle(&self) -> usize {
+        let cutoff = now_ms() - self.idle_ms;
+        let idle: Vec<_> = self
+            .sessions
+            .iter()
+            .filter(|e| e.value().last_used_ms() < cutoff && Arc::strong_count(e.value()) == 1)
+            .map(|e| e.key().clone())
+            .collect();
+        let mut closed = 0;
+        for key in idle {
+            if let Some((_, session)) = self.sessions.remove(&key) {
+                session.close().await;
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Closes every session of `server_id` (after suspension, say).
+    pub async fn close_server(&self, server_id: &str) {
+        let keys: Vec<_> = self
+            .sessions
+            .iter()
+            .filter(|e| e.key().1 == server_id)
+            .map(|e| e.key().clone())
+            .collect();
+        for key in keys {
+            if let Some((_, s)) = self.sessions.remove(&key) {
+                s.close().await;
+            }
+        }
+    }
+
+    /// Closes every session (shutdown).
+    pub async fn close_all(&self) {
+        let keys: Vec<_> = self.sessions.iter().map(|e| e.key().clone()).collect();
+        for key in keys {
+            if let Some((_, s)) = self.sessions.remove(&key) {
+                s.close().await;
+            }
+        }
+    }
+
+    /// Fetches the full tool list of `server` over a fresh session: `initialize`, then
+    /// `tools/list` following `nextCursor` for at most [`MAX_LIST_PAGES`] pages, within
+    /// [`TOOL_FETCH_TIMEOUT`]. Returns the MCP `Tool` JSON objects.
+    ///
+    /// # Errors
+    /// Any [`UpstreamError`]; [`UpstreamError::Protocol`] when `tools` is not an array.
+    pub async fn fetch_tools(&self, server: &Server, secret: &str) -> Result<Vec<Value>, UpstreamError> {
+        let session = self
+            .detached_session(server, secret)
+            .ok_or_else(|| UpstreamError::Protocol("the server has no endpoint".into()))?;
+        let result = tokio::time::timeout(TOOL_FETCH_TIMEOUT, async {
+            let mut tools = Vec::new();
+            let mut cursor: Option<String> = None;
+            for _ in 0..MAX_LIST_PAGES {
+                let params = match &cursor {
+                    Some(c) => json!({ "cursor": c }),
+                    None => json!({}),
+                };
+                let page = session.request("tools/list", params, &HeaderMap::new(), &|_| {}).await?;
+                let items = page
+                    .get("tools")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| UpstreamError::Protocol("tools/list without a tools array".into()))?;
+                tools.extend(items.iter().cloned());
+                cursor = page.get("nextCursor").and_then(Value::as_str).map(str::to_owned);
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            Ok(tools)
+        })
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout));
+        session.close().await;
+        result
+    }
+}

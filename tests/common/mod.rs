@@ -1,0 +1,243 @@
+//! Shared test harness: a real marketplace on 127.0.0.1:0 over a real SQLite file or a
+//! fresh PostgreSQL database, real example upstreams, real rmcp clients.
+#![allow(dead_code)]
+
+pub mod fault;
+
+use std::sync::Arc;
+
+use mcp_marketplace::app::App;
+use mcp_marketplace::auth::Scope;
+use mcp_marketplace::auth::accounts::{Account, create_account};
+use mcp_marketplace::auth::keys::{NewKey, create_key};
+use mcp_marketplace::billing::ledger::{AccountBalance, PlatformBalance};
+use mcp_marketplace::catalog::NewServer;
+use mcp_marketplace::config::Config;
+use mcp_marketplace::demo::upstreams::{self, ExampleServer, SecretSlot};
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{RoleClient, ServiceExt};
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// SQLite always; PostgreSQL too when `TEST_DATABASE_URL` is set (CI sets it).
+pub fn backends() -> Vec<Backend> {
+    let mut b = vec![Backend::Sqlite];
+    if std::env::var("TEST_DATABASE_URL").is_ok_and(|v| !v.is_empty()) {
+        b.push(Backend::Postgres);
+    }
+    b
+}
+
+/// A fresh, empty database, removed when dropped.
+pub struct TestDb {
+    pub url: String,
+    pub backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("market.db").display());
+                Self { url, backend, _dir: Some(dir), pg: None }
+            }
+            Backend::Postgres => {
+                let admin = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL");
+                let name = format!("mkt_test_{}", uuid::Uuid::now_v7().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin).await.expect("connect to TEST_DATABASE_URL");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let mut url = url::Url::parse(&admin).expect("TEST_DATABASE_URL is a URL");
+                url.set_path(&format!("/{name}"));
+                Self { url: url.to_string(), backend, _dir: None, pg: Some((admin, name)) }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.pg.take() {
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                rt.block_on(async move {
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                            .execute(&mut conn)
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// A running marketplace.
+pub struct Market {
+    pub app: Arc<App>,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub db: TestDb,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub fn test_config(db: &TestDb) -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        database_url: db.url.clone(),
+        allow_upstream_hosts: vec!["127.0.0.1".into()],
+        ..Config::default()
+    }
+}
+
+impl Market {
+    pub async fn start(db: TestDb) -> Self {
+        Self::start_with(db, |_| {}).await
+    }
+
+    pub async fn start_with(db: TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
+        mcp_marketplace::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut config = test_config(&db);
+        config.listen = addr.to_string();
+        config.public_url = format!("http://{addr}");
+        tweak(&mut config);
+        let app = App::new(config).await.expect("marketplace starts");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let app = app.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                app.serve(listener, shutdown).await.expect("serve");
+            }
+        });
+        Self { app, base: format!("http://{addr}"), db, shutdown, task }
+    }
+
+    pub async fn stop(self) -> TestDb {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+        self.app.store.close().await;
+        self.db
+    }
+
+    pub fn mcp_url(&self) -> String {
+        format!("{}/mcp", self.base)
+    }
+
+    pub async fn account(&self, name: &str) -> Account {
+        create_account(&self.app.store, name).await.expect("account")
+    }
+
+    pub async fn key(&self, account: &str, scopes: &[Scope]) -> String {
+        create_key(&self.app.store, account, &NewKey { scopes: scopes.to_vec(), ..NewKey::default() })
+            .await
+            .expect("key")
+            .1
+    }
+
+    /// Registers `url` as `slug` owned by `owner` (pending review); returns the secret.
+    pub async fn register(&self, owner: &Account, slug: &str, url: &str, pricing: &str) -> String {
+        let new = NewServer {
+            name: slug.to_owned(),
+            slug: Some(slug.to_owned()),
+            endpoints: vec![url.to_owned()],
+            pricing: pricing.to_owned(),
+            timeout_ms: Some(5_000),
+            ..NewServer::default()
+        };
+        self.app.catalog.register(&owner.id, &new, &self.app.policy).await.expect("register").1
+    }
+
+    pub async fn balance(&self, account: &Account) -> AccountBalance {
+        self.app.ledger.account_balance(&account.id).await.expect("balance")
+    }
+
+    pub async fn platform(&self) -> PlatformBalance {
+        self.app.ledger.platform_balance().await.expect("platform balance")
+    }
+
+    pub async fn assert_ledger_ok(&self) {
+        let broken = self.app.ledger.verify().await.expect("verify");
+        assert!(broken.is_empty(), "ledger invariants broken: {broken:?}");
+    }
+
+    pub async fn client(&self, key: &str) -> RunningService<RoleClient, ()> {
+        client_at(&self.mcp_url(), key).await
+    }
+}
+
+pub async fn client_at(url: &str, key: &str) -> RunningService<RoleClient, ()> {
+    mcp_marketplace::install_crypto_provider();
+    let transport =
+        StreamableHttpClientTransport::from_config(StreamableHttpClientTransportConfig::with_uri(url).auth_header(key));
+    ().serve(transport).await.expect("MCP client connects")
+}
+
+/// Prices of the standard world, micros.
+pub const UNITS_PRICE: i64 = 20_000;
+pub const NOTES_PRICE: i64 = 10_000;
+
+/// The standard world: a creator with the two example servers approved, a user who
+/// installed both and holds `funds` micros, and the user's key.
+pub struct World {
+    pub market: Market,
+    pub creator: Account,
+    pub user: Account,
+    pub key: String,
+    pub units: ExampleServer,
+    pub notes: ExampleServer,
+}
+
+impl World {
+    pub async fn start(backend: Backend, funds: i64) -> Self {
+        let market = Market::start(TestDb::new(backend).await).await;
+        let creator = market.account("creator").await;
+        let user = market.account("user").await;
+        let units = upstreams::spawn_unit_converter(bind().await, SecretSlot::default()).await.expect("units");
+        let notes = upstreams::spawn_notes(bind().await, SecretSlot::default()).await.expect("notes");
+        for (slug, server, pricing) in [("units", &units, "0.02_per_request"), ("notes", &notes, "0.01_per_request")] {
+            let secret = market.register(&creator, slug, &server.url, pricing).await;
+            *server.secret.write().expect("secret slot") = Some(secret);
+            market.app.approve(slug).await.expect("approve");
+            market.app.install(&user.id, slug).await.expect("install");
+        }
+        if funds > 0 {
+            market.app.ledger.topup(&user.id, funds, "test").await.expect("topup");
+        }
+        let key = market.key("user", &[Scope::Invoke, Scope::CatalogRead]).await;
+        Self { market, creator, user, key, units, notes }
+    }
+
+    pub async fn stop(self) {
+        self.market.stop().await;
+        self.units.shutdown().await;
+        self.notes.shutdown().await;
+    }
+}
+
+pub async fn bind() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+/// `arguments` of a tool call from a JSON object literal.
+pub fn args(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    v.as_object().cloned().expect("arguments are an object")
+}
