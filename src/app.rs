@@ -114,8 +114,13 @@ impl App {
         }
         let (refresh_tx, refresh_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Self {
-            upstreams: Upstreams::new(config.max_response_bytes, config.session_idle.as_millis() as i64)?,
-            policy: EndpointPolicy { allowed_hosts: config.allow_upstream_hosts.clone() },
+            upstreams: Upstreams::new(
+                config.max_response_bytes,
+                config.session_idle.as_millis() as i64,
+            )?,
+            policy: EndpointPolicy {
+                allowed_hosts: config.allow_upstream_hosts.clone(),
+            },
             catalog: Catalog::new(store.clone()),
             notifier: Notifier::default(),
             config,
@@ -153,7 +158,10 @@ impl App {
     /// # Errors
     /// [`AppError::Catalog`].
     pub async fn suspend(&self, slug: &str) -> Result<Server, AppError> {
-        let server = self.catalog.set_status(slug, ServerStatus::Suspended).await?;
+        let server = self
+            .catalog
+            .set_status(slug, ServerStatus::Suspended)
+            .await?;
         if let Some((_, token)) = self.watches.remove(&server.id) {
             token.cancel();
         }
@@ -213,9 +221,16 @@ impl App {
     }
 
     async fn notify_server(&self, server_id: &str) {
-        match (self.catalog.installed_by(server_id).await, self.catalog.get_by_id(server_id).await) {
-            (Ok(accounts), Ok(server)) => self.notifier.tools_changed(&accounts, Some(&server.slug)),
-            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cannot notify sessions of a tool change"),
+        match (
+            self.catalog.installed_by(server_id).await,
+            self.catalog.get_by_id(server_id).await,
+        ) {
+            (Ok(accounts), Ok(server)) => {
+                self.notifier.tools_changed(&accounts, Some(&server.slug))
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot notify sessions of a tool change")
+            }
         }
     }
 
@@ -240,16 +255,24 @@ impl App {
     async fn watch(self: &Arc<Self>, server_id: String, token: CancellationToken) {
         let mut backoff = Duration::from_secs(1);
         loop {
-            let Ok(server) = self.catalog.get_by_id(&server_id).await else { return };
+            let Ok(server) = self.catalog.get_by_id(&server_id).await else {
+                return;
+            };
             if !server.status.is_callable() {
                 return;
             }
-            let Ok(secret) = self.catalog.secret(&server.id).await else { return };
-            let Some(session) = self.upstreams.detached_session(&server, &secret) else { return };
+            let Ok(secret) = self.catalog.secret(&server.id).await else {
+                return;
+            };
+            let Some(session) = self.upstreams.detached_session(&server, &secret) else {
+                return;
+            };
             let tx = self.refresh_tx.clone();
             let id = server_id.clone();
             let on_message = move |m: Value| {
-                if m.get("method").and_then(Value::as_str) == Some("notifications/tools/list_changed") {
+                if m.get("method").and_then(Value::as_str)
+                    == Some("notifications/tools/list_changed")
+                {
                     let _ = tx.send(id.clone());
                 }
             };
@@ -264,7 +287,9 @@ impl App {
                     return;
                 }
                 Ok(()) => backoff = Duration::from_secs(1),
-                Err(e) => tracing::debug!(server = %server.slug, error = %e, "list_changed watch broke"),
+                Err(e) => {
+                    tracing::debug!(server = %server.slug, error = %e, "list_changed watch broke")
+                }
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -279,7 +304,11 @@ impl App {
     ///
     /// # Errors
     /// [`AppError::Io`] when serving fails.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> Result<(), AppError> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), AppError> {
         self.spawn_background();
         let router = crate::gateway::router(self.clone());
         let app = self.clone();

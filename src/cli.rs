@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, AppError};
 use crate::auth::accounts::{create_account, find_account};
-use crate::auth::keys::{NewKey, create_key, list_keys, parse_allow_tools, parse_scopes, parse_spend_limit, revoke_key};
+use crate::auth::keys::{
+    NewKey, create_key, list_keys, parse_allow_tools, parse_scopes, parse_spend_limit, revoke_key,
+};
 use crate::billing::pricing::{MAX_GRANT_MICROS, format_pricing, format_usd, parse_usd};
 use crate::billing::{Ledger, Receipt};
 use crate::config::{Config, Overrides};
@@ -198,7 +200,11 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub timeout: Option<String>,
     /// The marketplace's base URL.
-    #[arg(long, env = "MCP_MARKETPLACE_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "MCP_MARKETPLACE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub marketplace: String,
     /// A key with scope servers:write.
     #[arg(long, env = "MCP_MARKETPLACE_API_KEY", hide_env_values = true)]
@@ -211,7 +217,11 @@ pub enum LedgerCommand {
     /// Balances of an account, or of the platform.
     Balance {
         /// The account.
-        #[arg(long, conflicts_with = "platform", required_unless_present = "platform")]
+        #[arg(
+            long,
+            conflicts_with = "platform",
+            required_unless_present = "platform"
+        )]
         account: Option<String>,
         /// The platform's revenue and holds.
         #[arg(long)]
@@ -253,7 +263,9 @@ fn config(cli: &Cli, serve: Option<&ServeArgs>) -> Result<Config, CliError> {
         listen: serve.and_then(|s| s.listen.clone()),
         database_url: cli.database_url.clone(),
         public_url: serve.and_then(|s| s.public_url.clone()),
-        allow_upstream_hosts: serve.map(|s| s.allow_upstream_hosts.clone()).unwrap_or_default(),
+        allow_upstream_hosts: serve
+            .map(|s| s.allow_upstream_hosts.clone())
+            .unwrap_or_default(),
     };
     Config::resolve(cli.config.as_deref(), overrides).map_err(|e| CliError::App(e.into()))
 }
@@ -270,13 +282,14 @@ fn print(json_mode: bool, value: serde_json::Value, text: impl FnOnce() -> Strin
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -322,17 +335,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Accounts(AccountsCommand::Create { name }) => {
             let store = store(&cli).await?;
             let a = create_account(&store, name).await.map_err(AppError::from)?;
-            print(j, json!({"account": a.name, "id": a.id}), || format!("created account {} ({})", a.name, a.id));
+            print(j, json!({"account": a.name, "id": a.id}), || {
+                format!("created account {} ({})", a.name, a.id)
+            });
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(cmd) => keys(&cli, cmd, j).await,
         Command::Credits(CreditsCommand::Grant { account, amount }) => {
-            let micros = parse_usd(amount, MAX_GRANT_MICROS).map_err(|e| CliError::Usage(e.to_string()))?;
+            let micros =
+                parse_usd(amount, MAX_GRANT_MICROS).map_err(|e| CliError::Usage(e.to_string()))?;
             if micros == 0 {
                 return Err(CliError::Usage("the amount must be above zero".into()));
             }
             let store = store(&cli).await?;
-            let a = find_account(&store, account).await.map_err(AppError::from)?;
+            let a = find_account(&store, account)
+                .await
+                .map_err(AppError::from)?;
             let balance = Ledger::new(store)
                 .topup(&a.id, micros, "credits grant")
                 .await
@@ -340,7 +358,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             print(
                 j,
                 json!({"account": a.name, "granted_micros": micros, "wallet_micros": balance}),
-                || format!("granted ${} to {}; wallet now ${}", format_usd(micros), a.name, format_usd(balance)),
+                || {
+                    format!(
+                        "granted ${} to {}; wallet now ${}",
+                        format_usd(micros),
+                        a.name,
+                        format_usd(balance)
+                    )
+                },
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -350,8 +375,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Receipt(ReceiptCommand::Verify { file, jwks }) => {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("{} is not JSON: {e}", file.display())))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| CliError::Usage(format!("{} is not JSON: {e}", file.display())))?;
             let receipt = Receipt::from_json(&value).map_err(|e| CliError::Usage(e.to_string()))?;
             let keys = match jwks {
                 Some(url) => {
@@ -366,21 +391,33 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 }
                 None => {
                     let store = store(&cli).await?;
-                    let signer = crate::auth::Signer::load_or_create(&store).await.map_err(AppError::from)?;
+                    let signer = crate::auth::Signer::load_or_create(&store)
+                        .await
+                        .map_err(AppError::from)?;
                     crate::auth::signing::keys_from_jwks(&signer.jwks())
                 }
             };
             match receipt.verify(&keys) {
                 Ok(()) => {
-                    print(j, json!({"valid": true, "call_id": receipt.call_id, "outcome": receipt.outcome,
-                        "charged_micros": receipt.charged_micros}), || {
-                        format!("valid receipt: call {} {} ${}", receipt.call_id, receipt.outcome,
-                            format_usd(receipt.charged_micros))
-                    });
+                    print(
+                        j,
+                        json!({"valid": true, "call_id": receipt.call_id, "outcome": receipt.outcome,
+                        "charged_micros": receipt.charged_micros}),
+                        || {
+                            format!(
+                                "valid receipt: call {} {} ${}",
+                                receipt.call_id,
+                                receipt.outcome,
+                                format_usd(receipt.charged_micros)
+                            )
+                        },
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    print(j, json!({"valid": false, "error": e.to_string()}), || format!("INVALID receipt: {e}"));
+                    print(j, json!({"valid": false, "error": e.to_string()}), || {
+                        format!("INVALID receipt: {e}")
+                    });
                     Ok(ExitCode::from(1))
                 }
             }
@@ -390,7 +427,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 
 async fn store(cli: &Cli) -> Result<Store, CliError> {
     let config = config(cli, None)?;
-    Store::connect(&config.database_url).await.map_err(|e| CliError::App(e.into()))
+    Store::connect(&config.database_url)
+        .await
+        .map_err(|e| CliError::App(e.into()))
 }
 
 async fn app(cli: &Cli) -> Result<Arc<App>, CliError> {
@@ -401,23 +440,49 @@ async fn app(cli: &Cli) -> Result<Arc<App>, CliError> {
 async fn keys(cli: &Cli, cmd: &KeysCommand, j: bool) -> Result<ExitCode, CliError> {
     let usage = |e: crate::auth::KeyError| CliError::Usage(e.to_string());
     match cmd {
-        KeysCommand::Create { account, scopes, allow_tools, spend_limit, expires } => {
+        KeysCommand::Create {
+            account,
+            scopes,
+            allow_tools,
+            spend_limit,
+            expires,
+        } => {
             let new = NewKey {
                 scopes: parse_scopes(scopes).map_err(usage)?,
-                allow_tools: allow_tools.as_deref().map(parse_allow_tools).transpose().map_err(usage)?.unwrap_or_default(),
-                spend_limit: spend_limit.as_deref().map(parse_spend_limit).transpose().map_err(usage)?,
+                allow_tools: allow_tools
+                    .as_deref()
+                    .map(parse_allow_tools)
+                    .transpose()
+                    .map_err(usage)?
+                    .unwrap_or_default(),
+                spend_limit: spend_limit
+                    .as_deref()
+                    .map(parse_spend_limit)
+                    .transpose()
+                    .map_err(usage)?,
                 expires_in: expires
                     .as_deref()
-                    .map(|e| humantime::parse_duration(e).map_err(|_| CliError::Usage(format!("invalid --expires '{e}' (e.g. 30d)"))))
+                    .map(|e| {
+                        humantime::parse_duration(e).map_err(|_| {
+                            CliError::Usage(format!("invalid --expires '{e}' (e.g. 30d)"))
+                        })
+                    })
                     .transpose()?,
             };
             let store = store(cli).await?;
-            let (record, key) = create_key(&store, account, &new).await.map_err(AppError::from)?;
+            let (record, key) = create_key(&store, account, &new)
+                .await
+                .map_err(AppError::from)?;
             let scopes: Vec<_> = record.scopes.iter().map(|s| s.as_str()).collect();
             print(
                 j,
                 json!({"key_id": record.key_id, "key": key, "prefix": record.prefix, "account": record.account, "scopes": scopes}),
-                || format!("{key}\n(key id {}; shown once, store it now)", record.key_id),
+                || {
+                    format!(
+                        "{key}\n(key id {}; shown once, store it now)",
+                        record.key_id
+                    )
+                },
             );
         }
         KeysCommand::List { account } => {
@@ -427,7 +492,17 @@ async fn keys(cli: &Cli, cmd: &KeysCommand, j: bool) -> Result<ExitCode, CliErro
                 keys.iter()
                     .map(|k| {
                         let scopes: Vec<_> = k.scopes.iter().map(|s| s.as_str()).collect();
-                        format!("{}  {}  {}{}", k.key_id, k.prefix, scopes.join(","), if k.revoked_at.is_some() { "  (revoked)" } else { "" })
+                        format!(
+                            "{}  {}  {}{}",
+                            k.key_id,
+                            k.prefix,
+                            scopes.join(","),
+                            if k.revoked_at.is_some() {
+                                "  (revoked)"
+                            } else {
+                                ""
+                            }
+                        )
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
@@ -436,7 +511,9 @@ async fn keys(cli: &Cli, cmd: &KeysCommand, j: bool) -> Result<ExitCode, CliErro
         KeysCommand::Revoke { key } => {
             let store = store(cli).await?;
             let id = revoke_key(&store, key).await.map_err(AppError::from)?;
-            print(j, json!({"key_id": id, "revoked": true}), || format!("revoked key {id}"));
+            print(j, json!({"key_id": id, "revoked": true}), || {
+                format!("revoked key {id}")
+            });
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -446,7 +523,10 @@ async fn servers(cli: &Cli, cmd: &ServersCommand, j: bool) -> Result<ExitCode, C
     match cmd {
         ServersCommand::List => {
             let store = store(cli).await?;
-            let servers = crate::catalog::Catalog::new(store).list().await.map_err(AppError::from)?;
+            let servers = crate::catalog::Catalog::new(store)
+                .list()
+                .await
+                .map_err(AppError::from)?;
             let rows: Vec<_> = servers
                 .iter()
                 .map(|s| json!({"slug": s.slug, "name": s.name, "status": s.status, "price_micros": s.price_micros,
@@ -455,7 +535,14 @@ async fn servers(cli: &Cli, cmd: &ServersCommand, j: bool) -> Result<ExitCode, C
             print(j, json!({"servers": rows}), || {
                 servers
                     .iter()
-                    .map(|s| format!("{:<32} {:<15} {}", s.slug, s.status.as_str(), format_pricing(s.price_micros)))
+                    .map(|s| {
+                        format!(
+                            "{:<32} {:<15} {}",
+                            s.slug,
+                            s.status.as_str(),
+                            format_pricing(s.price_micros)
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             });
@@ -463,24 +550,46 @@ async fn servers(cli: &Cli, cmd: &ServersCommand, j: bool) -> Result<ExitCode, C
         ServersCommand::Approve { slug } => {
             let app = app(cli).await?;
             let s = app.approve(slug).await?;
-            let tools = app.catalog.tools_of_server(&s.id).await.map_err(AppError::from)?;
-            print(j, json!({"slug": s.slug, "status": s.status, "tools": tools.len()}), || {
-                format!("approved {} ({} tools)", s.slug, tools.len())
-            });
+            let tools = app
+                .catalog
+                .tools_of_server(&s.id)
+                .await
+                .map_err(AppError::from)?;
+            print(
+                j,
+                json!({"slug": s.slug, "status": s.status, "tools": tools.len()}),
+                || format!("approved {} ({} tools)", s.slug, tools.len()),
+            );
         }
         ServersCommand::Suspend { slug } => {
             let app = app(cli).await?;
             let s = app.suspend(slug).await?;
-            print(j, json!({"slug": s.slug, "status": s.status}), || format!("suspended {}", s.slug));
+            print(j, json!({"slug": s.slug, "status": s.status}), || {
+                format!("suspended {}", s.slug)
+            });
         }
         ServersCommand::Install { slug, account } | ServersCommand::Uninstall { slug, account } => {
             let app = app(cli).await?;
-            let a = find_account(&app.store, account).await.map_err(AppError::from)?;
+            let a = find_account(&app.store, account)
+                .await
+                .map_err(AppError::from)?;
             let install = matches!(cmd, ServersCommand::Install { .. });
-            let changed = if install { app.install(&a.id, slug).await? } else { app.uninstall(&a.id, slug).await? };
-            print(j, json!({"slug": slug, "account": a.name, "installed": install, "changed": changed}), || {
-                format!("{} {slug} for {}", if install { "installed" } else { "uninstalled" }, a.name)
-            });
+            let changed = if install {
+                app.install(&a.id, slug).await?
+            } else {
+                app.uninstall(&a.id, slug).await?
+            };
+            print(
+                j,
+                json!({"slug": slug, "account": a.name, "installed": install, "changed": changed}),
+                || {
+                    format!(
+                        "{} {slug} for {}",
+                        if install { "installed" } else { "uninstalled" },
+                        a.name
+                    )
+                },
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -490,30 +599,59 @@ async fn ledger(cli: &Cli, cmd: &LedgerCommand, j: bool) -> Result<ExitCode, Cli
     let store = store(cli).await?;
     let ledger = Ledger::new(store.clone());
     match cmd {
-        LedgerCommand::Balance { account: Some(name), .. } => {
+        LedgerCommand::Balance {
+            account: Some(name),
+            ..
+        } => {
             let a = find_account(&store, name).await.map_err(AppError::from)?;
-            let b = ledger.account_balance(&a.id).await.map_err(AppError::from)?;
+            let b = ledger
+                .account_balance(&a.id)
+                .await
+                .map_err(AppError::from)?;
             print(
                 j,
                 json!({"account": a.name, "wallet_micros": b.wallet_micros, "holds_micros": b.holds_micros,
                        "earnings_micros": b.earnings_micros}),
-                || format!("{}: wallet ${}, holds ${}, earnings ${}", a.name, format_usd(b.wallet_micros),
-                    format_usd(b.holds_micros), format_usd(b.earnings_micros)),
+                || {
+                    format!(
+                        "{}: wallet ${}, holds ${}, earnings ${}",
+                        a.name,
+                        format_usd(b.wallet_micros),
+                        format_usd(b.holds_micros),
+                        format_usd(b.earnings_micros)
+                    )
+                },
             );
         }
         LedgerCommand::Balance { .. } => {
             let p = ledger.platform_balance().await.map_err(AppError::from)?;
-            print(j, json!({"revenue_micros": p.revenue_micros, "holds_micros": p.holds_micros}), || {
-                format!("platform: revenue ${}, holds ${}", format_usd(p.revenue_micros), format_usd(p.holds_micros))
-            });
+            print(
+                j,
+                json!({"revenue_micros": p.revenue_micros, "holds_micros": p.holds_micros}),
+                || {
+                    format!(
+                        "platform: revenue ${}, holds ${}",
+                        format_usd(p.revenue_micros),
+                        format_usd(p.holds_micros)
+                    )
+                },
+            );
         }
         LedgerCommand::Verify => {
             let broken = ledger.verify().await.map_err(AppError::from)?;
             let ok = broken.is_empty();
             print(j, json!({"ok": ok, "broken": broken}), || {
-                if ok { "ledger ok: every invariant holds".to_owned() } else { format!("LEDGER BROKEN:\n{}", broken.join("\n")) }
+                if ok {
+                    "ledger ok: every invariant holds".to_owned()
+                } else {
+                    format!("LEDGER BROKEN:\n{}", broken.join("\n"))
+                }
             });
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -522,9 +660,11 @@ async fn ledger(cli: &Cli, cmd: &LedgerCommand, j: bool) -> Result<ExitCode, Cli
 async fn register(args: &RegisterArgs, j: bool) -> Result<ExitCode, CliError> {
     let mut tool_prices = serde_json::Map::new();
     for tp in &args.tool_prices {
-        let (tool, price) = tp
-            .split_once('=')
-            .ok_or_else(|| CliError::Usage(format!("--tool-price '{tp}' must be TOOL=USD, e.g. create_event=0.05")))?;
+        let (tool, price) = tp.split_once('=').ok_or_else(|| {
+            CliError::Usage(format!(
+                "--tool-price '{tp}' must be TOOL=USD, e.g. create_event=0.05"
+            ))
+        })?;
         tool_prices.insert(tool.to_owned(), json!(price));
     }
     let body = json!({
@@ -545,15 +685,27 @@ async fn register(args: &RegisterArgs, j: bool) -> Result<ExitCode, CliError> {
         .json(&body)
         .send()
         .await
-        .map_err(|e| CliError::Remote(format!("cannot reach the marketplace at {}: {e}", args.marketplace)))?;
+        .map_err(|e| {
+            CliError::Remote(format!(
+                "cannot reach the marketplace at {}: {e}",
+                args.marketplace
+            ))
+        })?;
     let status = response.status();
-    let value: serde_json::Value = response
-        .json()
-        .await
-        .map_err(|e| CliError::Remote(format!("the marketplace answered HTTP {status} without JSON: {e}")))?;
+    let value: serde_json::Value = response.json().await.map_err(|e| {
+        CliError::Remote(format!(
+            "the marketplace answered HTTP {status} without JSON: {e}"
+        ))
+    })?;
     if !status.is_success() {
-        let message = value.pointer("/error/message").and_then(|m| m.as_str()).unwrap_or("request refused");
-        return Err(CliError::Remote(format!("registration refused (HTTP {}): {message}", status.as_u16())));
+        let message = value
+            .pointer("/error/message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("request refused");
+        return Err(CliError::Remote(format!(
+            "registration refused (HTTP {}): {message}",
+            status.as_u16()
+        )));
     }
     print(j, value.clone(), || {
         format!(

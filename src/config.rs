@@ -63,7 +63,8 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Read(path.display().to_string(), e))?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.display().to_string(), e.to_string()))
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(path.display().to_string(), e.to_string()))
     }
 }
 
@@ -123,7 +124,9 @@ pub struct Overrides {
 }
 
 fn env(key: &str) -> Option<String> {
-    std::env::var(format!("MCP_MARKETPLACE_{key}")).ok().filter(|v| !v.is_empty())
+    std::env::var(format!("MCP_MARKETPLACE_{key}"))
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
 impl Config {
@@ -146,23 +149,36 @@ impl Config {
             .to_owned();
         let mut allow = file.allow_upstream_hosts;
         if let Some(v) = env("ALLOW_UPSTREAM_HOSTS") {
-            allow.extend(v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
+            allow.extend(
+                v.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty()),
+            );
         }
         allow.extend(cli.allow_upstream_hosts);
         let platform_fee_bps = match env("PLATFORM_FEE_BPS") {
-            Some(v) => v.parse().map_err(|_| ConfigError::Invalid("platform_fee_bps", v))?,
+            Some(v) => v
+                .parse()
+                .map_err(|_| ConfigError::Invalid("platform_fee_bps", v))?,
             None => file.platform_fee_bps.unwrap_or(d.platform_fee_bps),
         };
         if platform_fee_bps > 10_000 {
-            return Err(ConfigError::Invalid("platform_fee_bps", "at most 10000".into()));
+            return Err(ConfigError::Invalid(
+                "platform_fee_bps",
+                "at most 10000".into(),
+            ));
         }
         let tools_ttl = match env("TOOLS_TTL").or(file.tools_ttl) {
-            Some(v) => humantime::parse_duration(&v).map_err(|e| ConfigError::Invalid("tools_ttl", e.to_string()))?,
+            Some(v) => humantime::parse_duration(&v)
+                .map_err(|e| ConfigError::Invalid("tools_ttl", e.to_string()))?,
             None => d.tools_ttl,
         };
         Ok(Self {
             listen,
-            database_url: cli.database_url.or(file.database_url).unwrap_or(d.database_url),
+            database_url: cli
+                .database_url
+                .or(file.database_url)
+                .unwrap_or(d.database_url),
             public_url,
             allow_upstream_hosts: allow,
             platform_fee_bps,

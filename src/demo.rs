@@ -23,7 +23,8 @@ pub const DEMO_CREDITS_MICROS: i64 = 10_000_000;
 
 /// A fresh SQLite file for one demo run, in the system's temporary directory.
 pub fn demo_database_url() -> String {
-    let path = std::env::temp_dir().join(format!("mcp-marketplace-demo-{}.db", uuid::Uuid::now_v7()));
+    let path =
+        std::env::temp_dir().join(format!("mcp-marketplace-demo-{}.db", uuid::Uuid::now_v7()));
     format!("sqlite://{}", path.display())
 }
 
@@ -67,12 +68,23 @@ impl Demo {
             };
             examples.push(server);
         }
-        let listener = tokio::net::TcpListener::bind(&config.listen).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {}: {e} (choose another with --listen)", config.listen))
-        })?;
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot listen on {}: {e} (choose another with --listen)",
+                        config.listen
+                    ),
+                )
+            })?;
         let addr = listener.local_addr()?;
         config.listen = addr.to_string();
-        if config.public_url.is_empty() || config.public_url.ends_with(":8080") || config.public_url.ends_with(":0") {
+        if config.public_url.is_empty()
+            || config.public_url.ends_with(":8080")
+            || config.public_url.ends_with(":0")
+        {
             config.public_url = format!("http://{addr}");
         }
         config.allow_upstream_hosts.push("127.0.0.1".to_owned());
@@ -82,17 +94,38 @@ impl Demo {
 
         let creator = create_account(&app.store, "demo-creator").await?;
         let user = create_account(&app.store, "demo").await?;
-        let creator_key = create_key(&app.store, &creator.name, &NewKey { scopes: vec![Scope::ServersWrite, Scope::CatalogRead], ..NewKey::default() })
-            .await?
-            .1;
+        let creator_key = create_key(
+            &app.store,
+            &creator.name,
+            &NewKey {
+                scopes: vec![Scope::ServersWrite, Scope::CatalogRead],
+                ..NewKey::default()
+            },
+        )
+        .await?
+        .1;
         let manifests = [
-            ("Unit Converter", "unit-converter", "Convert lengths, masses, temperatures, volumes, data sizes, durations and speeds.", "0.002_per_request", vec!["utilities"]),
-            ("Notes", "notes", "A private notes store: add, list, search, read and delete notes.", "0.01_per_request", vec!["productivity"]),
+            (
+                "Unit Converter",
+                "unit-converter",
+                "Convert lengths, masses, temperatures, volumes, data sizes, durations and speeds.",
+                "0.002_per_request",
+                vec!["utilities"],
+            ),
+            (
+                "Notes",
+                "notes",
+                "A private notes store: add, list, search, read and delete notes.",
+                "0.01_per_request",
+                vec!["productivity"],
+            ),
         ];
         crate::install_crypto_provider();
         let http = reqwest::Client::new();
         let mut slugs = Vec::new();
-        for ((name, slug, description, pricing, categories), example) in manifests.into_iter().zip(&examples) {
+        for ((name, slug, description, pricing, categories), example) in
+            manifests.into_iter().zip(&examples)
+        {
             let response = http
                 .post(format!("http://{addr}/api/v1/servers"))
                 .bearer_auth(&creator_key)
@@ -105,9 +138,9 @@ impl Demo {
                 .json()
                 .await
                 .map_err(|e| std::io::Error::other(format!("registering {slug}: {e}")))?;
-            let secret = body["secret"]
-                .as_str()
-                .ok_or_else(|| std::io::Error::other(format!("registering {slug} failed: {body}")))?;
+            let secret = body["secret"].as_str().ok_or_else(|| {
+                std::io::Error::other(format!("registering {slug} failed: {body}"))
+            })?;
             // The creator configures its server to require the secret.
             if let Ok(mut s) = example.secret.write() {
                 *s = Some(secret.to_owned());
@@ -116,12 +149,31 @@ impl Demo {
             app.install(&user.id, slug).await?;
             slugs.push(slug.to_owned());
         }
-        app.ledger.topup(&user.id, DEMO_CREDITS_MICROS, "demo credits").await?;
-        let key = create_key(&app.store, &user.name, &NewKey { scopes: vec![Scope::Invoke, Scope::CatalogRead], ..NewKey::default() })
-            .await?
-            .1;
-        let info = DemoInfo { mcp_url: format!("http://{addr}/mcp"), key, slugs };
-        Ok(Self { app, info, examples, shutdown, server })
+        app.ledger
+            .topup(&user.id, DEMO_CREDITS_MICROS, "demo credits")
+            .await?;
+        let key = create_key(
+            &app.store,
+            &user.name,
+            &NewKey {
+                scopes: vec![Scope::Invoke, Scope::CatalogRead],
+                ..NewKey::default()
+            },
+        )
+        .await?
+        .1;
+        let info = DemoInfo {
+            mcp_url: format!("http://{addr}/mcp"),
+            key,
+            slugs,
+        };
+        Ok(Self {
+            app,
+            info,
+            examples,
+            shutdown,
+            server,
+        })
     }
 
     /// Stops the marketplace and the examples.
@@ -165,7 +217,10 @@ pub async fn run(config: Config, json_mode: bool) -> Result<(), AppError> {
     let db = config.database_url.clone();
     let demo = Demo::start(config).await?;
     if json_mode {
-        println!("{}", json!({"mcp_url": demo.info.mcp_url, "key": demo.info.key, "servers": demo.info.slugs}));
+        println!(
+            "{}",
+            json!({"mcp_url": demo.info.mcp_url, "key": demo.info.key, "servers": demo.info.slugs})
+        );
     } else {
         println!("{}", instructions(&demo.info));
     }

@@ -13,7 +13,10 @@ use serde_json::{Value, json};
 
 fn receipt_of(result: &CallToolResult) -> Receipt {
     let meta = result.meta.as_ref().expect("result has _meta");
-    let value = meta.0.get("mcp-marketplace/receipt").expect("receipt in _meta");
+    let value = meta
+        .0
+        .get("mcp-marketplace/receipt")
+        .expect("receipt in _meta");
     serde_json::from_value(value.clone()).expect("receipt parses")
 }
 
@@ -29,12 +32,24 @@ fn error_kind(result: &CallToolResult) -> Option<String> {
 }
 
 async fn verify_receipt(base: &str, receipt: &Receipt) {
-    let jwks: Value = reqwest::get(format!("{base}/.well-known/jwks.json")).await.unwrap().json().await.unwrap();
-    receipt.verify(&keys_from_jwks(&jwks)).expect("receipt signature verifies against the JWKS");
+    let jwks: Value = reqwest::get(format!("{base}/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    receipt
+        .verify(&keys_from_jwks(&jwks))
+        .expect("receipt signature verifies against the JWKS");
 }
 
 fn text_of(result: &CallToolResult) -> String {
-    result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect::<Vec<_>>().join("")
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("")
 }
 
 #[tokio::test]
@@ -54,20 +69,40 @@ async fn lists_namespaced_tools_calls_them_and_bills_seventy_thirty() {
             "marketplace__install_server",
             "marketplace__uninstall_server",
         ] {
-            assert!(names.contains(&expected.to_owned()), "{expected} missing from {names:?} ({backend:?})");
+            assert!(
+                names.contains(&expected.to_owned()),
+                "{expected} missing from {names:?} ({backend:?})"
+            );
         }
-        assert!(names.iter().all(|n| n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')));
+        assert!(names.iter().all(|n| {
+            n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        }));
         let convert = tools.iter().find(|t| t.name == "units__convert").unwrap();
         let price = &convert.meta.as_ref().expect("price meta").0["mcp-marketplace/price"];
-        assert_eq!(price, &json!({"micros": UNITS_PRICE, "per": "call", "currency": "USD"}));
-        assert!(convert.description.as_deref().unwrap_or("").len() > 10, "upstream description kept");
+        assert_eq!(
+            price,
+            &json!({"micros": UNITS_PRICE, "per": "call", "currency": "USD"})
+        );
+        assert!(
+            convert.description.as_deref().unwrap_or("").len() > 10,
+            "upstream description kept"
+        );
 
         let result = client
-            .call_tool(CallToolRequestParams::new("units__convert").with_arguments(args(json!({"value": 10, "from": "km", "to": "mi"}))))
+            .call_tool(
+                CallToolRequestParams::new("units__convert")
+                    .with_arguments(args(json!({"value": 10, "from": "km", "to": "mi"}))),
+            )
             .await
             .expect("tools/call");
         assert_ne!(result.is_error, Some(true), "{result:?}");
-        assert!(text_of(&result).contains("6.21"), "10 km in miles: {}", text_of(&result));
+        assert!(
+            text_of(&result).contains("6.21"),
+            "10 km in miles: {}",
+            text_of(&result)
+        );
         let receipt = receipt_of(&result);
         assert_eq!(receipt.outcome, "settled");
         assert_eq!(receipt.price_micros, UNITS_PRICE);
@@ -89,22 +124,37 @@ async fn lists_namespaced_tools_calls_them_and_bills_seventy_thirty() {
 
         // The notes tool is billed at its own price and keeps per-caller state.
         let added = client
-            .call_tool(CallToolRequestParams::new("notes__add_note").with_arguments(args(json!({"title": "groceries", "body": "milk, eggs"}))))
+            .call_tool(
+                CallToolRequestParams::new("notes__add_note")
+                    .with_arguments(args(json!({"title": "groceries", "body": "milk, eggs"}))),
+            )
             .await
             .unwrap();
         assert_ne!(added.is_error, Some(true), "{added:?}");
         let found = client
-            .call_tool(CallToolRequestParams::new("notes__search_notes").with_arguments(args(json!({"query": "milk"}))))
+            .call_tool(
+                CallToolRequestParams::new("notes__search_notes")
+                    .with_arguments(args(json!({"query": "milk"}))),
+            )
             .await
             .unwrap();
         assert!(text_of(&found).contains("groceries"));
         assert_eq!(receipt_of(&found).charged_micros, NOTES_PRICE);
-        assert_eq!(w.market.balance(&w.user).await.wallet_micros, 1_000_000 - UNITS_PRICE - 2 * NOTES_PRICE);
+        assert_eq!(
+            w.market.balance(&w.user).await.wallet_micros,
+            1_000_000 - UNITS_PRICE - 2 * NOTES_PRICE
+        );
 
         // The marketplace's own tools are free.
-        let balance = client.call_tool(CallToolRequestParams::new("marketplace__get_balance")).await.unwrap();
+        let balance = client
+            .call_tool(CallToolRequestParams::new("marketplace__get_balance"))
+            .await
+            .unwrap();
         let s = balance.structured_content.expect("structured balance");
-        assert_eq!(s["balance_micros"], json!(1_000_000 - UNITS_PRICE - 2 * NOTES_PRICE));
+        assert_eq!(
+            s["balance_micros"],
+            json!(1_000_000 - UNITS_PRICE - 2 * NOTES_PRICE)
+        );
         assert_eq!(s["balance"], json!("0.96"));
 
         // GET /api/v1/account agrees.
@@ -128,16 +178,30 @@ async fn lists_namespaced_tools_calls_them_and_bills_seventy_thirty() {
 }
 
 /// Starts a market with the fault server registered as `faulty` at 0.05 per call.
-async fn faulty_world(backend: Backend) -> (Market, FaultServer, mcp_marketplace::auth::accounts::Account, String) {
+async fn faulty_world(
+    backend: Backend,
+) -> (
+    Market,
+    FaultServer,
+    mcp_marketplace::auth::accounts::Account,
+    String,
+) {
     let market = Market::start(TestDb::new(backend).await).await;
     let creator = market.account("creator").await;
     let user = market.account("user").await;
     let fault = FaultServer::start().await;
-    let secret = market.register(&creator, "faulty", &fault.url, "0.05_per_request").await;
+    let secret = market
+        .register(&creator, "faulty", &fault.url, "0.05_per_request")
+        .await;
     *fault.secret.write().unwrap() = Some(secret);
     market.app.approve("faulty").await.expect("approve");
     market.app.install(&user.id, "faulty").await.unwrap();
-    market.app.ledger.topup(&user.id, 1_000_000, "test").await.unwrap();
+    market
+        .app
+        .ledger
+        .topup(&user.id, 1_000_000, "test")
+        .await
+        .unwrap();
     let key = market.key("user", &[Scope::Invoke]).await;
     (market, fault, user, key)
 }
@@ -169,7 +233,10 @@ async fn failures_are_refunded_with_the_right_kind() {
         assert_eq!(text_of(&r), "deliberate failure");
         assert_eq!(error_kind(&r).as_deref(), Some("upstream_error"));
         let receipt = receipt_of(&r);
-        assert_eq!((receipt.outcome.as_str(), receipt.charged_micros), ("refunded", 0));
+        assert_eq!(
+            (receipt.outcome.as_str(), receipt.charged_micros),
+            ("refunded", 0)
+        );
         verify_receipt(&market.base, &receipt).await;
 
         // Timeout (the server's timeout is 5 s in the harness; sleep longer).
@@ -183,16 +250,26 @@ async fn failures_are_refunded_with_the_right_kind() {
         assert_eq!(r.is_error, Some(true));
         assert_eq!(error_kind(&r).as_deref(), Some("upstream_error"), "{r:?}");
         assert!(text_of(&r).contains("not charged"));
-        assert!(!text_of(&r).contains("127.0.0.1"), "no upstream URL in messages");
+        assert!(
+            !text_of(&r).contains("127.0.0.1"),
+            "no upstream URL in messages"
+        );
 
         // Connection refused.
         fault.stop().await;
         let r = call("faulty__add", json!({"a": 1, "b": 1})).await;
-        assert_eq!(error_kind(&r).as_deref(), Some("upstream_unavailable"), "{r:?}");
+        assert_eq!(
+            error_kind(&r).as_deref(),
+            Some("upstream_unavailable"),
+            "{r:?}"
+        );
         assert_eq!(receipt_of(&r).outcome, "refunded");
 
         let b = market.balance(&user).await;
-        assert_eq!(b.wallet_micros, after_ok, "no failure was charged ({backend:?})");
+        assert_eq!(
+            b.wallet_micros, after_ok,
+            "no failure was charged ({backend:?})"
+        );
         assert_eq!(b.holds_micros, 0);
         market.assert_ledger_ok().await;
         client.cancel().await.ok();
@@ -208,15 +285,25 @@ async fn oversize_upstream_responses_are_refused_and_refunded() {
         let creator = market.account("creator").await;
         let user = market.account("user").await;
         let fault = FaultServer::start().await;
-        let secret = market.register(&creator, "faulty", &fault.url, "0.05_per_request").await;
+        let secret = market
+            .register(&creator, "faulty", &fault.url, "0.05_per_request")
+            .await;
         *fault.secret.write().unwrap() = Some(secret);
         market.app.approve("faulty").await.unwrap();
         market.app.install(&user.id, "faulty").await.unwrap();
-        market.app.ledger.topup(&user.id, 100_000, "test").await.unwrap();
+        market
+            .app
+            .ledger
+            .topup(&user.id, 100_000, "test")
+            .await
+            .unwrap();
         let key = market.key("user", &[Scope::Invoke]).await;
         let client = market.client(&key).await;
         let r = client
-            .call_tool(CallToolRequestParams::new("faulty__big").with_arguments(args(json!({"bytes": 200_000}))))
+            .call_tool(
+                CallToolRequestParams::new("faulty__big")
+                    .with_arguments(args(json!({"bytes": 200_000}))),
+            )
             .await
             .unwrap();
         assert_eq!(error_kind(&r).as_deref(), Some("response_too_large"));
@@ -264,7 +351,10 @@ async fn concurrent_calls_never_overdraw_a_wallet() {
         let b = w.market.balance(&w.user).await;
         assert_eq!(b.wallet_micros, 0);
         assert_eq!(b.holds_micros, 0);
-        assert_eq!(w.market.balance(&w.creator).await.earnings_micros, N * UNITS_PRICE * 70 / 100);
+        assert_eq!(
+            w.market.balance(&w.creator).await.earnings_micros,
+            N * UNITS_PRICE * 70 / 100
+        );
         w.market.assert_ledger_ok().await;
         for c in clients {
             c.cancel().await.ok();
@@ -292,7 +382,13 @@ async fn a_hold_left_by_a_crash_is_refunded_at_start() {
         };
         w.market.app.ledger.reserve(&reservation).await.unwrap();
         assert_eq!(w.market.balance(&w.user).await.holds_micros, UNITS_PRICE);
-        let World { market, user, units, notes, .. } = w;
+        let World {
+            market,
+            user,
+            units,
+            notes,
+            ..
+        } = w;
         let db = market.stop().await;
         // Restart on the same database: the sweep at start refunds it.
         let market = Market::start(db).await;
@@ -310,13 +406,19 @@ async fn insufficient_credits_is_refused_before_forwarding() {
     let w = World::start(Backend::Sqlite, UNITS_PRICE - 1).await;
     let client = w.market.client(&w.key).await;
     let r = client
-        .call_tool(CallToolRequestParams::new("units__convert").with_arguments(args(json!({"value": 1, "from": "m", "to": "cm"}))))
+        .call_tool(
+            CallToolRequestParams::new("units__convert")
+                .with_arguments(args(json!({"value": 1, "from": "m", "to": "cm"}))),
+        )
         .await
         .unwrap();
     assert_eq!(r.is_error, Some(true));
     assert_eq!(error_kind(&r).as_deref(), Some("insufficient_credits"));
     assert!(text_of(&r).contains("Add credits"));
-    assert_eq!(w.market.balance(&w.user).await.wallet_micros, UNITS_PRICE - 1);
+    assert_eq!(
+        w.market.balance(&w.user).await.wallet_micros,
+        UNITS_PRICE - 1
+    );
     w.market.assert_ledger_ok().await;
     client.cancel().await.ok();
     w.stop().await;
@@ -329,7 +431,10 @@ async fn owners_call_their_own_servers_free() {
     let key = w.market.key("creator", &[Scope::Invoke]).await;
     let client = w.market.client(&key).await;
     let r = client
-        .call_tool(CallToolRequestParams::new("units__convert").with_arguments(args(json!({"value": 1, "from": "kg", "to": "lb"}))))
+        .call_tool(
+            CallToolRequestParams::new("units__convert")
+                .with_arguments(args(json!({"value": 1, "from": "kg", "to": "lb"}))),
+        )
         .await
         .unwrap();
     assert_ne!(r.is_error, Some(true), "{r:?}");
@@ -346,18 +451,38 @@ async fn one_server_endpoint_uses_plain_names_and_is_metered() {
         let w = World::start(backend, 100_000).await;
         // No install is needed on /servers/{slug}/mcp: a fresh account sees the server.
         let other = w.market.account("other").await;
-        w.market.app.ledger.topup(&other.id, 100_000, "test").await.unwrap();
+        w.market
+            .app
+            .ledger
+            .topup(&other.id, 100_000, "test")
+            .await
+            .unwrap();
         let key = w.market.key("other", &[Scope::Invoke]).await;
         let client = client_at(&format!("{}/servers/units/mcp", w.market.base), &key).await;
-        let names: Vec<_> = client.list_all_tools().await.unwrap().iter().map(|t| t.name.to_string()).collect();
-        assert!(names.contains(&"convert".to_owned()) && !names.iter().any(|n| n.contains("__")), "{names:?}");
+        let names: Vec<_> = client
+            .list_all_tools()
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        assert!(
+            names.contains(&"convert".to_owned()) && !names.iter().any(|n| n.contains("__")),
+            "{names:?}"
+        );
         let r = client
-            .call_tool(CallToolRequestParams::new("convert").with_arguments(args(json!({"value": 0, "from": "C", "to": "F"}))))
+            .call_tool(
+                CallToolRequestParams::new("convert")
+                    .with_arguments(args(json!({"value": 0, "from": "C", "to": "F"}))),
+            )
             .await
             .unwrap();
         assert!(text_of(&r).contains("32"), "{}", text_of(&r));
         assert_eq!(receipt_of(&r).charged_micros, UNITS_PRICE);
-        assert_eq!(w.market.balance(&other).await.wallet_micros, 100_000 - UNITS_PRICE);
+        assert_eq!(
+            w.market.balance(&other).await.wallet_micros,
+            100_000 - UNITS_PRICE
+        );
         w.market.assert_ledger_ok().await;
         client.cancel().await.ok();
         w.stop().await;

@@ -433,7 +433,7 @@ fn convert(value: f64, from: &str, to: &str) -> Result<Conversion, String> {
     };
     if source.dimension != target.dimension {
         return Err(format!(
-            "Cannot convert {} ({}) to {} ({}): both units must measure the same dimension. {} units: {}.",
+            "Cannot convert {} ({}) to {} ({}): both units must measure the same dimension. Units of {}: {}.",
             source.symbol,
             source.dimension.name(),
             target.symbol,
@@ -458,9 +458,6 @@ fn convert(value: f64, from: &str, to: &str) -> Result<Conversion, String> {
     let mut result = scaled - target.offset;
     // Subtracting a temperature offset can leave floating-point residue
     // (32 F -> 5.7e-14 C); snap what is noise relative to the operands to 0.
-    if result.abs() <= 1e-12 * (scaled.abs() + target.offset.abs()) {
-        result = 0.0;
-    }
     if !result.is_finite() {
         return Err(format!(
             "{} {} is too large to express in {}.",
@@ -468,6 +465,9 @@ fn convert(value: f64, from: &str, to: &str) -> Result<Conversion, String> {
             source.symbol,
             target.symbol
         ));
+    }
+    if result.abs() <= 1e-12 * (scaled.abs() + target.offset.abs()) {
+        result = 0.0;
     }
     Ok(Conversion {
         value,

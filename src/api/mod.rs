@@ -29,7 +29,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, message: message.into() }
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -46,8 +50,12 @@ impl IntoResponse for ApiError {
 impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
         match &e {
-            CatalogError::SlugTaken(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
-            CatalogError::UnknownServer(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            CatalogError::SlugTaken(_) => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            CatalogError::UnknownServer(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
             CatalogError::Store(_) => internal(e),
             _ => Self::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
         }
@@ -56,19 +64,33 @@ impl From<CatalogError> for ApiError {
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "internal error in REST API");
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; please retry")
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error; please retry",
+    )
 }
 
-async fn auth(app: &App, headers: &HeaderMap, scope: Option<Scope>) -> Result<KeyContext, ApiError> {
+async fn auth(
+    app: &App,
+    headers: &HeaderMap,
+    scope: Option<Scope>,
+) -> Result<KeyContext, ApiError> {
     let key = match crate::gateway::authenticate_request(app, headers).await {
         Ok(k) => k,
-        Err(KeyError::Unauthorized) => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "")),
+        Err(KeyError::Unauthorized) => {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", ""));
+        }
         Err(e) => return Err(internal(e)),
     };
     if let Some(s) = scope
         && !key.has_scope(s)
     {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this key lacks the scope '{s}'")));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this key lacks the scope '{s}'"),
+        ));
     }
     Ok(key)
 }
@@ -79,13 +101,19 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
         .route("/api/v1/account", get(account))
         .route("/api/v1/servers", get(list_servers).post(register_server))
         .route("/api/v1/servers/{slug}", get(get_server))
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(app.config.max_request_bytes))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            app.config.max_request_bytes,
+        ))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
 }
 
 async fn account(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let key = auth(&app, &headers, None).await?;
-    let b = app.ledger.account_balance(&key.account_id).await.map_err(internal)?;
+    let b = app
+        .ledger
+        .account_balance(&key.account_id)
+        .await
+        .map_err(internal)?;
     Ok(axum::Json(json!({
         "account": key.account_name,
         "balance_micros": b.wallet_micros,
@@ -110,10 +138,16 @@ fn public_server(s: &Server) -> serde_json::Value {
     })
 }
 
-async fn list_servers(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn list_servers(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     auth(&app, &headers, Some(Scope::CatalogRead)).await?;
     let servers = app.catalog.search("", usize::MAX).await?;
-    Ok(axum::Json(json!({"servers": servers.iter().map(public_server).collect::<Vec<_>>()})).into_response())
+    Ok(
+        axum::Json(json!({"servers": servers.iter().map(public_server).collect::<Vec<_>>()}))
+            .into_response(),
+    )
 }
 
 async fn get_server(
@@ -124,7 +158,10 @@ async fn get_server(
     let key = auth(&app, &headers, Some(Scope::CatalogRead)).await?;
     let s = app.catalog.get(&slug).await?;
     // Unapproved servers are visible to their owner only.
-    if !s.status.is_callable() && s.owner_account_id != key.account_id && !key.has_scope(Scope::Admin) {
+    if !s.status.is_callable()
+        && s.owner_account_id != key.account_id
+        && !key.has_scope(Scope::Admin)
+    {
         return Err(CatalogError::UnknownServer(slug).into());
     }
     Ok(axum::Json(public_server(&s)).into_response())
@@ -170,12 +207,23 @@ async fn register_server(
             "send the server as JSON (Content-Type: application/json)",
         ));
     }
-    let body: RegisterBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid body: {e}")))?;
+    let body: RegisterBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("invalid body: {e}"),
+        )
+    })?;
     let timeout_ms = match &body.timeout {
         Some(t) => Some(
             humantime::parse_duration(t)
-                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "invalid timeout (e.g. 30s)"))?
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "invalid timeout (e.g. 30s)",
+                    )
+                })?
                 .as_millis()
                 .min(i64::MAX as u128) as i64,
         ),
@@ -195,7 +243,10 @@ async fn register_server(
         tool_prices: body.tool_prices,
         timeout_ms,
     };
-    let (server, secret) = app.catalog.register(&key.account_id, &new, &app.policy).await?;
+    let (server, secret) = app
+        .catalog
+        .register(&key.account_id, &new, &app.policy)
+        .await?;
     tracing::info!(slug = %server.slug, "server registered, pending review");
     Ok((
         StatusCode::CREATED,

@@ -35,7 +35,9 @@ impl From<crate::billing::BillingError> for AccountError {
     fn from(e: crate::billing::BillingError) -> Self {
         match e {
             crate::billing::BillingError::Store(s) => Self::Store(s),
-            other => Self::Store(StoreError::Database(sqlx::Error::Protocol(other.to_string()))),
+            other => Self::Store(StoreError::Database(sqlx::Error::Protocol(
+                other.to_string(),
+            ))),
         }
     }
 }
@@ -58,7 +60,9 @@ pub struct Account {
 pub async fn create_account(store: &Store, name: &str) -> Result<Account, AccountError> {
     if name.is_empty()
         || name.chars().count() > MAX_ACCOUNT_NAME_LEN
-        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     {
         return Err(AccountError::InvalidName(name.to_owned()));
     }

@@ -215,8 +215,11 @@ pub fn parse_spend_limit(text: &str) -> Result<(i64, String), KeyError> {
         "month" | "mo" => "month",
         _ => return Err(bad()),
     };
-    let micros = crate::billing::pricing::parse_usd(amount.trim(), crate::billing::pricing::MAX_GRANT_MICROS)
-        .map_err(|_| bad())?;
+    let micros = crate::billing::pricing::parse_usd(
+        amount.trim(),
+        crate::billing::pricing::MAX_GRANT_MICROS,
+    )
+    .map_err(|_| bad())?;
     Ok((micros, period.to_owned()))
 }
 
@@ -298,7 +301,12 @@ pub async fn create_key(
         ),
         None => None,
     };
-    let scopes = new.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
+    let scopes = new
+        .scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
     let allow = (!new.allow_tools.is_empty()).then(|| new.allow_tools.join(","));
     sqlx::query(
         "INSERT INTO api_keys (id, account_id, prefix, hash, scopes, allow_tools, spend_limit_micros, \
@@ -332,8 +340,13 @@ pub async fn create_key(
 }
 
 fn split_list(text: Option<String>) -> Vec<String> {
-    text.map(|t| t.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect())
-        .unwrap_or_default()
+    text.map(|t| {
+        t.split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 fn parse_stored_scopes(text: &str) -> Vec<Scope> {
@@ -378,10 +391,12 @@ pub async fn list_keys(store: &Store, account_name: &str) -> Result<Vec<KeyRecor
 /// # Errors
 /// [`KeyError::UnknownKey`], [`KeyError::AmbiguousKey`], [`KeyError::Store`].
 pub async fn revoke_key(store: &Store, id_or_prefix: &str) -> Result<String, KeyError> {
-    let rows = sqlx::query("SELECT id FROM api_keys WHERE (id = $1 OR prefix = $1) AND revoked_at IS NULL")
-        .bind(id_or_prefix)
-        .fetch_all(store.pool())
-        .await?;
+    let rows = sqlx::query(
+        "SELECT id FROM api_keys WHERE (id = $1 OR prefix = $1) AND revoked_at IS NULL",
+    )
+    .bind(id_or_prefix)
+    .fetch_all(store.pool())
+    .await?;
     let id: String = match rows.as_slice() {
         [] => return Err(KeyError::UnknownKey(id_or_prefix.to_owned())),
         [one] => one.try_get(0)?,
@@ -402,7 +417,9 @@ pub async fn revoke_key(store: &Store, id_or_prefix: &str) -> Result<String, Key
 pub async fn authenticate(store: &Store, presented: &str) -> Result<KeyContext, KeyError> {
     if !presented.starts_with(KEY_PREFIX)
         || presented.len() > MAX_KEY_LEN
-        || !presented[KEY_PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric())
+        || !presented[KEY_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric())
     {
         return Err(KeyError::Unauthorized);
     }
@@ -434,11 +451,17 @@ pub async fn authenticate(store: &Store, presented: &str) -> Result<KeyContext, 
 
 /// Extracts the presented key from `Authorization: Bearer …` or `X-API-Key`.
 pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let (scheme, token) = v.trim().split_once(' ')?;
         return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
 }
 
 #[cfg(test)]
@@ -456,10 +479,16 @@ mod tests {
 
     #[test]
     fn parses_scopes_limits_and_globs() {
-        assert_eq!(parse_scopes("invoke,catalog:read").unwrap(), vec![Scope::Invoke, Scope::CatalogRead]);
+        assert_eq!(
+            parse_scopes("invoke,catalog:read").unwrap(),
+            vec![Scope::Invoke, Scope::CatalogRead]
+        );
         assert!(parse_scopes("invoke,root").is_err());
         assert!(parse_scopes("").is_err());
-        assert_eq!(parse_spend_limit("5.00/day").unwrap(), (5_000_000, "day".to_owned()));
+        assert_eq!(
+            parse_spend_limit("5.00/day").unwrap(),
+            (5_000_000, "day".to_owned())
+        );
         assert!(parse_spend_limit("-5/day").is_err());
         assert!(parse_spend_limit("5/week").is_err());
         let ctx = KeyContext {

@@ -76,7 +76,9 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("Signer")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,7 +105,9 @@ impl Signer {
     /// [`SigningError::MalformedKey`] for a corrupt row, [`SigningError::Store`].
     pub async fn load_or_create(store: &Store) -> Result<Self, SigningError> {
         let pool = store.pool();
-        let have = sqlx::query("SELECT kid FROM signing_keys").fetch_optional(pool).await?;
+        let have = sqlx::query("SELECT kid FROM signing_keys")
+            .fetch_optional(pool)
+            .await?;
         if have.is_none() {
             let key = SigningKey::from_bytes(&random_32());
             let public = key.verifying_key().to_bytes();
@@ -127,9 +131,11 @@ impl Signer {
             .fetch_one(pool)
             .await?
             .try_get(0)?;
-        let rows = sqlx::query("SELECT kid, seed, public_key FROM signing_keys ORDER BY created_at DESC, kid")
-            .fetch_all(pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT kid, seed, public_key FROM signing_keys ORDER BY created_at DESC, kid",
+        )
+        .fetch_all(pool)
+        .await?;
         let mut public = BTreeMap::new();
         let mut active = None;
         for row in rows {
@@ -169,7 +175,10 @@ impl Signer {
     /// # Errors
     /// [`SigningError::UnknownKid`], [`SigningError::BadSignature`].
     pub fn verify(&self, kid: &str, message: &[u8], sig: &str) -> Result<(), SigningError> {
-        let key = self.public.get(kid).ok_or_else(|| SigningError::UnknownKid(kid.to_owned()))?;
+        let key = self
+            .public
+            .get(kid)
+            .ok_or_else(|| SigningError::UnknownKid(kid.to_owned()))?;
         verify_with(key, message, sig)
     }
 
@@ -218,17 +227,27 @@ impl Signer {
 /// # Errors
 /// [`SigningError::BadSignature`].
 pub fn verify_with(key: &VerifyingKey, message: &[u8], sig: &str) -> Result<(), SigningError> {
-    let bytes = URL_SAFE_NO_PAD.decode(sig).map_err(|_| SigningError::BadSignature)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| SigningError::BadSignature)?;
     let sig = Signature::from_slice(&bytes).map_err(|_| SigningError::BadSignature)?;
-    key.verify(message, &sig).map_err(|_| SigningError::BadSignature)
+    key.verify(message, &sig)
+        .map_err(|_| SigningError::BadSignature)
 }
 
 /// Reads the Ed25519 keys of a JWKS document into `kid → key`.
 pub fn keys_from_jwks(jwks: &serde_json::Value) -> BTreeMap<String, VerifyingKey> {
     let mut out = BTreeMap::new();
-    for k in jwks.get("keys").and_then(|k| k.as_array()).into_iter().flatten() {
-        let (Some(kid), Some(x)) = (k.get("kid").and_then(|v| v.as_str()), k.get("x").and_then(|v| v.as_str()))
-        else {
+    for k in jwks
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let (Some(kid), Some(x)) = (
+            k.get("kid").and_then(|v| v.as_str()),
+            k.get("x").and_then(|v| v.as_str()),
+        ) else {
             continue;
         };
         if let Some(pk) = URL_SAFE_NO_PAD

@@ -41,7 +41,9 @@ pub fn earnings_id(account_id: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
     /// The wallet cannot cover the price (amounts in micros).
-    #[error("insufficient credits: the call costs {price_micros} micros, the wallet holds {balance_micros}")]
+    #[error(
+        "insufficient credits: the call costs {price_micros} micros, the wallet holds {balance_micros}"
+    )]
     InsufficientCredits {
         /// The call's price.
         price_micros: i64,
@@ -305,7 +307,8 @@ impl Ledger {
     /// [`BillingError::NotReserved`] when the call was already settled or refunded (then
     /// nothing changes), [`BillingError::UnknownCall`], [`BillingError::Store`].
     pub async fn settle(&self, call_id: &str, latency_ms: i64) -> Result<i64, BillingError> {
-        self.finish(call_id, Outcome::Settled, None, latency_ms).await
+        self.finish(call_id, Outcome::Settled, None, latency_ms)
+            .await
     }
 
     /// Refunds a reserved call (step 7, failure): holds → wallet, recording `error_kind`.
@@ -376,7 +379,11 @@ impl Ledger {
                     "settle",
                     Some(call_id),
                     price,
-                    &[(HOLDS, -price), (&earnings, creator), (PLATFORM_REVENUE, fee)],
+                    &[
+                        (HOLDS, -price),
+                        (&earnings, creator),
+                        (PLATFORM_REVENUE, fee),
+                    ],
                     "",
                 )
                 .await?;
@@ -436,7 +443,8 @@ impl Ledger {
     /// [`BillingError::Store`].
     pub async fn platform_balance(&self) -> Result<PlatformBalance, BillingError> {
         let pool = self.store.pool();
-        let q: &'static str = "SELECT CAST(COALESCE(MAX(balance), 0) AS BIGINT) FROM ledger_accounts WHERE id = $1";
+        let q: &'static str =
+            "SELECT CAST(COALESCE(MAX(balance), 0) AS BIGINT) FROM ledger_accounts WHERE id = $1";
         Ok(PlatformBalance {
             revenue_micros: scalar(pool, q, PLATFORM_REVENUE).await?,
             holds_micros: scalar(pool, q, HOLDS).await?,
@@ -454,10 +462,11 @@ impl Ledger {
     pub async fn verify(&self) -> Result<Vec<String>, BillingError> {
         let pool = self.store.pool();
         let mut broken = Vec::new();
-        let total: i64 = sqlx::query("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger_entries")
-            .fetch_one(pool)
-            .await?
-            .try_get(0)?;
+        let total: i64 =
+            sqlx::query("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger_entries")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?;
         if total != 0 {
             broken.push(format!("entries sum to {total} micros, not zero"));
         }
@@ -482,7 +491,9 @@ impl Ledger {
             let id: String = row.try_get(0)?;
             let balance: i64 = row.try_get(1)?;
             let sum: i64 = row.try_get(2)?;
-            broken.push(format!("{id}: balance {balance} but its entries sum to {sum}"));
+            broken.push(format!(
+                "{id}: balance {balance} but its entries sum to {sum}"
+            ));
         }
         let holds = scalar(
             pool,
@@ -497,11 +508,15 @@ impl Ledger {
         .await?
         .try_get(0)?;
         if holds != open {
-            broken.push(format!("holds is {holds} but open reservations sum to {open}"));
+            broken.push(format!(
+                "holds is {holds} but open reservations sum to {open}"
+            ));
         }
-        for row in sqlx::query("SELECT id, balance FROM ledger_accounts WHERE kind = 'wallet' AND balance < 0")
-            .fetch_all(pool)
-            .await?
+        for row in sqlx::query(
+            "SELECT id, balance FROM ledger_accounts WHERE kind = 'wallet' AND balance < 0",
+        )
+        .fetch_all(pool)
+        .await?
         {
             let id: String = row.try_get(0)?;
             let balance: i64 = row.try_get(1)?;
@@ -543,10 +558,11 @@ impl Ledger {
     /// # Errors
     /// [`BillingError::Store`].
     pub async fn sweep_expired_holds(&self, now_ms: i64) -> Result<usize, BillingError> {
-        let rows = sqlx::query("SELECT id FROM calls WHERE status = 'reserved' AND hold_expires_at < $1")
-            .bind(now_ms)
-            .fetch_all(self.store.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT id FROM calls WHERE status = 'reserved' AND hold_expires_at < $1")
+                .bind(now_ms)
+                .fetch_all(self.store.pool())
+                .await?;
         let mut refunded = 0;
         for row in rows {
             let id: String = row.try_get(0)?;
@@ -564,7 +580,10 @@ impl Ledger {
 /// The start of the spend-limit period containing `now_ms` (UTC day or month), epoch ms.
 fn period_start_ms(period: &str, now_ms: i64) -> i64 {
     use chrono::{Datelike, TimeZone, Utc};
-    let now = Utc.timestamp_millis_opt(now_ms).single().unwrap_or_else(Utc::now);
+    let now = Utc
+        .timestamp_millis_opt(now_ms)
+        .single()
+        .unwrap_or_else(Utc::now);
     let day = now.date_naive();
     let start = if period == "month" {
         day.with_day(1).unwrap_or(day)
@@ -578,15 +597,21 @@ fn period_start_ms(period: &str, now_ms: i64) -> i64 {
 }
 
 async fn scalar(pool: &sqlx::AnyPool, sql: &'static str, arg: &str) -> Result<i64, BillingError> {
-    Ok(sqlx::query(sql).bind(arg).fetch_one(pool).await?.try_get(0)?)
+    Ok(sqlx::query(sql)
+        .bind(arg)
+        .fetch_one(pool)
+        .await?
+        .try_get(0)?)
 }
 
 async fn balance_of(tx: &mut Tx, ledger_account: &str) -> Result<i64, BillingError> {
-    Ok(sqlx::query("SELECT balance FROM ledger_accounts WHERE id = $1")
-        .bind(ledger_account)
-        .fetch_one(&mut **tx)
-        .await?
-        .try_get(0)?)
+    Ok(
+        sqlx::query("SELECT balance FROM ledger_accounts WHERE id = $1")
+            .bind(ledger_account)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get(0)?,
+    )
 }
 
 /// The id of a written transfer, to attach entries to.
@@ -633,21 +658,24 @@ async fn write_entries(
             .execute(&mut **tx)
             .await?;
         if update_balance(account) {
-            let updated = sqlx::query("UPDATE ledger_accounts SET balance = balance + $1 WHERE id = $2")
-                .bind(*amount)
-                .bind(*account)
-                .execute(&mut **tx)
-                .await
-                .map_err(|e| {
-                    if is_check_violation(&e) {
-                        BillingError::InvalidAmount(format!("{account} would go below zero"))
-                    } else {
-                        BillingError::from(e)
-                    }
-                })?
-                .rows_affected();
+            let updated =
+                sqlx::query("UPDATE ledger_accounts SET balance = balance + $1 WHERE id = $2")
+                    .bind(*amount)
+                    .bind(*account)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|e| {
+                        if is_check_violation(&e) {
+                            BillingError::InvalidAmount(format!("{account} would go below zero"))
+                        } else {
+                            BillingError::from(e)
+                        }
+                    })?
+                    .rows_affected();
             if updated != 1 {
-                return Err(BillingError::InvalidAmount(format!("no ledger account {account}")));
+                return Err(BillingError::InvalidAmount(format!(
+                    "no ledger account {account}"
+                )));
             }
         }
     }

@@ -20,7 +20,9 @@ pub enum PriceError {
     #[error("'{0}' is above the maximum of {1} USD")]
     TooLarge(String, String),
     /// Neither `free` nor `<decimal>_per_request`.
-    #[error("'{0}' is not a pricing (expected 'free' or '<decimal>_per_request', e.g. 0.02_per_request)")]
+    #[error(
+        "'{0}' is not a pricing (expected 'free' or '<decimal>_per_request', e.g. 0.02_per_request)"
+    )]
     Pricing(String),
 }
 
@@ -88,7 +90,11 @@ pub fn format_usd(micros: i64) -> String {
     let whole = abs / MICROS_PER_USD as u64;
     let frac = format!("{:06}", abs % MICROS_PER_USD as u64);
     let trimmed = frac.trim_end_matches('0');
-    let frac = if trimmed.len() < 2 { &frac[..2] } else { trimmed };
+    let frac = if trimmed.len() < 2 {
+        &frac[..2]
+    } else {
+        trimmed
+    };
     format!("{sign}{whole}.{frac}")
 }
 

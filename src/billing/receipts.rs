@@ -52,7 +52,8 @@ pub enum ReceiptError {
 }
 
 fn signing_input(receipt: &Receipt) -> Result<Vec<u8>, ReceiptError> {
-    let mut value = serde_json::to_value(receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+    let mut value =
+        serde_json::to_value(receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
     if let Some(obj) = value.as_object_mut() {
         obj.remove("sig");
     }

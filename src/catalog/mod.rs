@@ -81,7 +81,9 @@ impl ServerStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// A slug not of the form `[a-z0-9][a-z0-9-]{0,31}`.
-    #[error("invalid slug '{0}': use 1-32 characters of a-z, 0-9 and '-', starting with a letter or digit")]
+    #[error(
+        "invalid slug '{0}': use 1-32 characters of a-z, 0-9 and '-', starting with a letter or digit"
+    )]
     InvalidSlug(String),
     /// The slug is taken.
     #[error("the slug '{0}' is already taken")]
@@ -149,7 +151,10 @@ pub struct Server {
 impl Server {
     /// The price of one call of `tool` in micros (the override, else the server's).
     pub fn price_of(&self, tool: &str) -> i64 {
-        self.tool_prices.get(tool).copied().unwrap_or(self.price_micros)
+        self.tool_prices
+            .get(tool)
+            .copied()
+            .unwrap_or(self.price_micros)
     }
 }
 
@@ -200,7 +205,8 @@ pub fn is_valid_slug(slug: &str) -> bool {
     !b.is_empty()
         && b.len() <= 32
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// Derives a slug from a display name: lowercase ASCII letters and digits, other runs
@@ -225,7 +231,10 @@ fn generate_secret() -> String {
     use base64::Engine;
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).expect("the OS random source is available");
-    format!("mms_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+    format!(
+        "mms_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    )
 }
 
 /// The catalog over a [`Store`]. Cheap to clone.
@@ -266,11 +275,18 @@ impl Catalog {
         policy: &EndpointPolicy,
     ) -> Result<(Server, String), CatalogError> {
         let name = new.name.trim();
-        if name.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {
-            return Err(CatalogError::InvalidField("name: 1-100 printable characters"));
+        if name.is_empty()
+            || name.chars().count() > MAX_NAME_LEN
+            || name.chars().any(char::is_control)
+        {
+            return Err(CatalogError::InvalidField(
+                "name: 1-100 printable characters",
+            ));
         }
         if new.description.chars().count() > MAX_DESCRIPTION_LEN {
-            return Err(CatalogError::InvalidField("description: at most 2000 characters"));
+            return Err(CatalogError::InvalidField(
+                "description: at most 2000 characters",
+            ));
         }
         let slug = match &new.slug {
             Some(s) => s.clone(),
@@ -280,7 +296,9 @@ impl Catalog {
             return Err(CatalogError::InvalidSlug(slug));
         }
         if new.endpoints.is_empty() || new.endpoints.len() > MAX_ENDPOINTS {
-            return Err(CatalogError::InvalidField("endpoints: between 1 and 8 URLs"));
+            return Err(CatalogError::InvalidField(
+                "endpoints: between 1 and 8 URLs",
+            ));
         }
         let endpoints = new
             .endpoints
@@ -291,7 +309,9 @@ impl Catalog {
         let mut tool_prices = BTreeMap::new();
         for (tool, price) in &new.tool_prices {
             if tool.is_empty() || tool.len() > 128 {
-                return Err(CatalogError::InvalidField("tool price: a tool name of 1-128 characters"));
+                return Err(CatalogError::InvalidField(
+                    "tool price: a tool name of 1-128 characters",
+                ));
             }
             let micros = pricing::parse_pricing(price)
                 .or_else(|_| pricing::parse_usd(price, pricing::MAX_PRICE_MICROS))?;
@@ -308,7 +328,9 @@ impl Catalog {
             .filter(|c| !c.is_empty())
             .collect();
         if categories.iter().any(|c| c.len() > 40 || c.contains(',')) || categories.len() > 10 {
-            return Err(CatalogError::InvalidField("categories: at most 10, each 1-40 characters without commas"));
+            return Err(CatalogError::InvalidField(
+                "categories: at most 10, each 1-40 characters without commas",
+            ));
         }
         let now = now_ms();
         let server = Server {
@@ -353,20 +375,24 @@ impl Catalog {
             }
         })?;
         for (i, url) in server.endpoints.iter().enumerate() {
-            sqlx::query("INSERT INTO server_endpoints (server_id, position, url) VALUES ($1, $2, $3)")
-                .bind(&server.id)
-                .bind(i as i64)
-                .bind(url)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO server_endpoints (server_id, position, url) VALUES ($1, $2, $3)",
+            )
+            .bind(&server.id)
+            .bind(i as i64)
+            .bind(url)
+            .execute(&mut *tx)
+            .await?;
         }
         for (tool, micros) in &server.tool_prices {
-            sqlx::query("INSERT INTO tool_prices (server_id, tool, price_micros) VALUES ($1, $2, $3)")
-                .bind(&server.id)
-                .bind(tool)
-                .bind(*micros)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO tool_prices (server_id, tool, price_micros) VALUES ($1, $2, $3)",
+            )
+            .bind(&server.id)
+            .bind(tool)
+            .bind(*micros)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
         Ok((server, secret))
@@ -374,13 +400,14 @@ impl Catalog {
 
     async fn hydrate(&self, row: sqlx::any::AnyRow) -> Result<Server, CatalogError> {
         let id: String = row.try_get(0)?;
-        let endpoints = sqlx::query("SELECT url FROM server_endpoints WHERE server_id = $1 ORDER BY position")
-            .bind(&id)
-            .fetch_all(self.store.pool())
-            .await?
-            .into_iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<Vec<String>, _>>()?;
+        let endpoints =
+            sqlx::query("SELECT url FROM server_endpoints WHERE server_id = $1 ORDER BY position")
+                .bind(&id)
+                .fetch_all(self.store.pool())
+                .await?
+                .into_iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<Vec<String>, _>>()?;
         let mut tool_prices = BTreeMap::new();
         for r in sqlx::query("SELECT tool, price_micros FROM tool_prices WHERE server_id = $1")
             .bind(&id)
@@ -395,7 +422,11 @@ impl Catalog {
             slug: row.try_get(1)?,
             name: row.try_get(2)?,
             description: row.try_get(3)?,
-            categories: categories.split(',').filter(|c| !c.is_empty()).map(str::to_owned).collect(),
+            categories: categories
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect(),
             owner_account_id: row.try_get(5)?,
             price_micros: row.try_get(6)?,
             tool_prices,
@@ -487,7 +518,11 @@ impl Catalog {
     ///
     /// # Errors
     /// [`CatalogError::UnknownServer`], [`CatalogError::Store`].
-    pub async fn set_status(&self, slug: &str, status: ServerStatus) -> Result<Server, CatalogError> {
+    pub async fn set_status(
+        &self,
+        slug: &str,
+        status: ServerStatus,
+    ) -> Result<Server, CatalogError> {
         let n = sqlx::query("UPDATE servers SET status = $1, updated_at = $2 WHERE slug = $3")
             .bind(status.as_str())
             .bind(now_ms())
@@ -509,7 +544,10 @@ impl Catalog {
     pub async fn install(&self, account_id: &str, slug: &str) -> Result<bool, CatalogError> {
         let server = self.get(slug).await?;
         if !server.status.is_callable() {
-            return Err(CatalogError::NotAvailable(slug.to_owned(), server.status.as_str()));
+            return Err(CatalogError::NotAvailable(
+                slug.to_owned(),
+                server.status.as_str(),
+            ));
         }
         let n = sqlx::query(
             "INSERT INTO installs (account_id, server_id, created_at) VALUES ($1, $2, $3) \
@@ -585,16 +623,20 @@ impl Catalog {
             ));
         }
         let mut tx = self.store.begin().await?;
-        let old: Vec<(String, String)> =
-            sqlx::query("SELECT name, definition FROM upstream_tools WHERE server_id = $1 ORDER BY position")
-                .bind(&server.id)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect::<Result<_, sqlx::Error>>()?;
+        let old: Vec<(String, String)> = sqlx::query(
+            "SELECT name, definition FROM upstream_tools WHERE server_id = $1 ORDER BY position",
+        )
+        .bind(&server.id)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
         let changed = old.len() != fresh.len()
-            || old.iter().zip(&fresh).any(|((n, d), (fn_, _, fd))| n != fn_ || d != fd);
+            || old
+                .iter()
+                .zip(&fresh)
+                .any(|((n, d), (fn_, _, fd))| n != fn_ || d != fd);
         if changed {
             write_tools(&mut tx, &server.id, &fresh).await?;
         }
@@ -630,7 +672,10 @@ impl Catalog {
     ///
     /// # Errors
     /// [`CatalogError::Store`].
-    pub async fn tools_for_account(&self, account_id: &str) -> Result<Vec<CatalogTool>, CatalogError> {
+    pub async fn tools_for_account(
+        &self,
+        account_id: &str,
+    ) -> Result<Vec<CatalogTool>, CatalogError> {
         let rows = sqlx::query(
             "SELECT t.server_id, s.slug, t.name, t.namespaced_name, t.definition FROM upstream_tools t \
              JOIN servers s ON s.id = t.server_id JOIN installs i ON i.server_id = s.id \
@@ -708,17 +753,23 @@ impl Catalog {
     /// # Errors
     /// [`CatalogError::Store`].
     pub async fn installed_by(&self, server_id: &str) -> Result<Vec<String>, CatalogError> {
-        Ok(sqlx::query("SELECT account_id FROM installs WHERE server_id = $1")
-            .bind(server_id)
-            .fetch_all(self.store.pool())
-            .await?
-            .into_iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()?)
+        Ok(
+            sqlx::query("SELECT account_id FROM installs WHERE server_id = $1")
+                .bind(server_id)
+                .fetch_all(self.store.pool())
+                .await?
+                .into_iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?,
+        )
     }
 }
 
-async fn write_tools(tx: &mut Tx, server_id: &str, tools: &[(String, String, String)]) -> Result<(), CatalogError> {
+async fn write_tools(
+    tx: &mut Tx,
+    server_id: &str,
+    tools: &[(String, String, String)],
+) -> Result<(), CatalogError> {
     sqlx::query("DELETE FROM upstream_tools WHERE server_id = $1")
         .bind(server_id)
         .execute(&mut **tx)

@@ -48,7 +48,10 @@ mod tests {
 
     #[test]
     fn short_names_are_kept() {
-        assert_eq!(namespaced_name("calendar", "create_event"), "calendar__create_event");
+        assert_eq!(
+            namespaced_name("calendar", "create_event"),
+            "calendar__create_event"
+        );
     }
 
     #[test]

@@ -64,7 +64,11 @@ pub async fn call_tool(
 
     // 2. Resolve.
     let (server, tool) = match &caller.slug {
-        None => app.catalog.resolve(&key.account_id, &name).await.map_err(internal)?,
+        None => app
+            .catalog
+            .resolve(&key.account_id, &name)
+            .await
+            .map_err(internal)?,
         Some(slug) => match app.catalog.get(slug).await {
             Ok(server) => app
                 .catalog
@@ -87,14 +91,21 @@ pub async fn call_tool(
         }
         return Ok(tool_error(
             "upstream_unavailable",
-            format!("The server '{}' is unavailable right now. You were not charged; try again later.", server.slug),
+            format!(
+                "The server '{}' is unavailable right now. You were not charged; try again later.",
+                server.slug
+            ),
             Some(60),
         ));
     }
 
     // 5. Reserve.
     let call_id = uuid::Uuid::now_v7().to_string();
-    let price = if server.owner_account_id == key.account_id { 0 } else { server.price_of(&tool.name) };
+    let price = if server.owner_account_id == key.account_id {
+        0
+    } else {
+        server.price_of(&tool.name)
+    };
     let reservation = Reservation {
         call_id: call_id.clone(),
         account_id: key.account_id.clone(),
@@ -108,7 +119,10 @@ pub async fn call_tool(
     };
     match app.ledger.reserve(&reservation).await {
         Ok(_) => {}
-        Err(BillingError::InsufficientCredits { price_micros, balance_micros }) => {
+        Err(BillingError::InsufficientCredits {
+            price_micros,
+            balance_micros,
+        }) => {
             return Ok(tool_error(
                 "insufficient_credits",
                 format!(
@@ -120,7 +134,11 @@ pub async fn call_tool(
                 None,
             ));
         }
-        Err(BillingError::SpendLimit { limit_micros, period, .. }) => {
+        Err(BillingError::SpendLimit {
+            limit_micros,
+            period,
+            ..
+        }) => {
             return Ok(tool_error(
                 "spend_limit",
                 format!(
@@ -143,7 +161,11 @@ pub async fn call_tool(
         Ok(result) if result.is_error != Some(true) => (result, None),
         Ok(result) => (result, Some("upstream_error")),
         Err(Failure::Cancelled) => (
-            tool_error("cancelled", "The call was cancelled. You were not charged.".into(), None),
+            tool_error(
+                "cancelled",
+                "The call was cancelled. You were not charged.".into(),
+                None,
+            ),
             Some("cancelled"),
         ),
         Err(Failure::Upstream(e)) => {
@@ -162,7 +184,10 @@ pub async fn call_tool(
                      You were not charged; ask for less data.",
                     server.slug
                 ),
-                other => format!("The server '{}' failed: {other}. You were not charged.", server.slug),
+                other => format!(
+                    "The server '{}' failed: {other}. You were not charged.",
+                    server.slug
+                ),
             };
             let retry = matches!(e, UpstreamError::Timeout | UpstreamError::Connect).then_some(30);
             (tool_error(e.kind(), message, retry), Some(e.kind()))
@@ -173,7 +198,9 @@ pub async fn call_tool(
             Ok(b) => (Outcome::Settled, b),
             // Swept as abandoned while the upstream was slow: the caller keeps the result
             // and is not charged.
-            Err(BillingError::NotReserved(_)) => (Outcome::Refunded, wallet(app, &key.account_id).await?),
+            Err(BillingError::NotReserved(_)) => {
+                (Outcome::Refunded, wallet(app, &key.account_id).await?)
+            }
             Err(e) => return Err(internal(e)),
         },
         Some(kind) => {
@@ -182,7 +209,9 @@ pub async fn call_tool(
             }
             match app.ledger.refund(&call_id, kind, latency_ms).await {
                 Ok(b) => (Outcome::Refunded, b),
-                Err(BillingError::NotReserved(_)) => (Outcome::Refunded, wallet(app, &key.account_id).await?),
+                Err(BillingError::NotReserved(_)) => {
+                    (Outcome::Refunded, wallet(app, &key.account_id).await?)
+                }
                 Err(e) => return Err(internal(e)),
             }
         }
@@ -197,7 +226,11 @@ pub async fn call_tool(
         server: server.slug.clone(),
         tool: tool.name.clone(),
         price_micros: price,
-        charged_micros: if outcome == Outcome::Settled { price } else { 0 },
+        charged_micros: if outcome == Outcome::Settled {
+            price
+        } else {
+            0
+        },
         outcome: outcome.as_str().to_owned(),
         balance_after_micros: balance_after,
         issued_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -206,20 +239,35 @@ pub async fn call_tool(
     }
     .sign(&app.signer)
     .map_err(internal)?;
-    let meta = result.meta.get_or_insert_with(|| MetaObject(serde_json::Map::new()));
-    meta.0.insert(RECEIPT_META_KEY.into(), serde_json::to_value(&receipt).map_err(internal)?);
+    let meta = result
+        .meta
+        .get_or_insert_with(|| MetaObject(serde_json::Map::new()));
+    meta.0.insert(
+        RECEIPT_META_KEY.into(),
+        serde_json::to_value(&receipt).map_err(internal)?,
+    );
     Ok(result)
 }
 
 async fn wallet(app: &App, account_id: &str) -> Result<i64, ErrorData> {
-    Ok(app.ledger.account_balance(account_id).await.map_err(internal)?.wallet_micros)
+    Ok(app
+        .ledger
+        .account_balance(account_id)
+        .await
+        .map_err(internal)?
+        .wallet_micros)
 }
 
 /// Adds `_meta["mcp-marketplace/error"]` to an upstream's own error result, which
 /// otherwise passes through unchanged.
 fn mark_error(result: &mut CallToolResult, kind: &str) {
-    let meta = result.meta.get_or_insert_with(|| MetaObject(serde_json::Map::new()));
-    meta.0.insert(super::tools::ERROR_META_KEY.into(), json!({"kind": kind, "retry_after_s": null}));
+    let meta = result
+        .meta
+        .get_or_insert_with(|| MetaObject(serde_json::Map::new()));
+    meta.0.insert(
+        super::tools::ERROR_META_KEY.into(),
+        json!({"kind": kind, "retry_after_s": null}),
+    );
 }
 
 enum Failure {
@@ -239,11 +287,9 @@ async fn forward(
     ctx: &RequestContext<RoleServer>,
 ) -> Result<CallToolResult, Failure> {
     let key = &caller.key;
-    let secret = app
-        .catalog
-        .secret(&server.id)
-        .await
-        .map_err(|_| Failure::Upstream(UpstreamError::Protocol("server secret unavailable".into())))?;
+    let secret = app.catalog.secret(&server.id).await.map_err(|_| {
+        Failure::Upstream(UpstreamError::Protocol("server secret unavailable".into()))
+    })?;
     let session = app
         .upstreams
         .session(&key.account_id, server, &secret)
@@ -261,7 +307,11 @@ async fn forward(
             tool: tool.to_owned(),
             price_micros: price,
         })
-        .map_err(|_| Failure::Upstream(UpstreamError::Protocol("cannot sign the upstream token".into())))?;
+        .map_err(|_| {
+            Failure::Upstream(UpstreamError::Protocol(
+                "cannot sign the upstream token".into(),
+            ))
+        })?;
     let extra = headers(&[(TOKEN_HEADER, &token), (REQUEST_ID_HEADER, call_id)]);
 
     // Upstream progress uses our own token (the call id) so two client sessions of one
@@ -280,7 +330,8 @@ async fn forward(
         }
     });
     let on_message = |message: Value| {
-        if message.get("method").and_then(Value::as_str) == Some("notifications/tools/list_changed") {
+        if message.get("method").and_then(Value::as_str) == Some("notifications/tools/list_changed")
+        {
             app.request_refresh(&server.id);
         } else {
             let _ = tx.send(message);
@@ -307,12 +358,19 @@ async fn forward(
 /// Passes one upstream message to the client: progress for this call (with the
 /// client's token), log messages; a `tools/list_changed` is not relayed (the catalog
 /// refresh handles it).
-async fn relay(peer: &rmcp::Peer<RoleServer>, message: &Value, our_token: &str, client_token: Option<&ProgressToken>) {
+async fn relay(
+    peer: &rmcp::Peer<RoleServer>,
+    message: &Value,
+    our_token: &str,
+    client_token: Option<&ProgressToken>,
+) {
     let method = message.get("method").and_then(Value::as_str).unwrap_or("");
     let params = message.get("params").cloned().unwrap_or(Value::Null);
     match method {
         "notifications/progress" => {
-            let Some(client_token) = client_token else { return };
+            let Some(client_token) = client_token else {
+                return;
+            };
             if params.get("progressToken").and_then(Value::as_str) != Some(our_token) {
                 return;
             }
@@ -323,7 +381,9 @@ async fn relay(peer: &rmcp::Peer<RoleServer>, message: &Value, our_token: &str, 
             }
         }
         "notifications/message" => {
-            if let Ok(p) = serde_json::from_value::<rmcp::model::LoggingMessageNotificationParam>(params) {
+            if let Ok(p) =
+                serde_json::from_value::<rmcp::model::LoggingMessageNotificationParam>(params)
+            {
                 let _ = peer.notify_logging_message(p).await;
             }
         }

@@ -3,8 +3,8 @@
 use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams, InitializeResult,
-    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
+    CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams,
+    InitializeResult, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -30,7 +30,10 @@ pub struct GatewayHandler {
 impl GatewayHandler {
     /// A handler for a new session.
     pub fn new(app: Arc<App>) -> Self {
-        Self { app, binding: Arc::new(OnceLock::new()) }
+        Self {
+            app,
+            binding: Arc::new(OnceLock::new()),
+        }
     }
 
     /// The request's caller, checked against the session's binding: a session id used
@@ -41,7 +44,9 @@ impl GatewayHandler {
             .get::<http::request::Parts>()
             .and_then(|p| p.extensions.get::<Caller>())
             .cloned()
-            .ok_or_else(|| ErrorData::internal_error("request without an authenticated caller", None))?;
+            .ok_or_else(|| {
+                ErrorData::internal_error("request without an authenticated caller", None)
+            })?;
         if let Some(b) = self.binding.get()
             && (b.account_id != caller.key.account_id || b.slug != caller.slug)
         {
@@ -89,9 +94,11 @@ impl ServerHandler for GatewayHandler {
             }
         }
         if self.binding.set(binding).is_ok() {
-            self.app
-                .notifier
-                .register(&caller.key.account_id, caller.slug.as_deref(), context.peer.clone());
+            self.app.notifier.register(
+                &caller.key.account_id,
+                caller.slug.as_deref(),
+                context.peer.clone(),
+            );
         }
         context.peer.set_peer_info(request.clone());
         self.negotiate_initialize(&request)

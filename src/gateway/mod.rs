@@ -65,7 +65,10 @@ pub fn router(app: Arc<App>) -> Router {
     let mcp = Router::new()
         .route_service("/mcp", aggregated)
         .route_service("/servers/{slug}/mcp", one_server)
-        .layer(axum::middleware::from_fn_with_state(app.clone(), require_key));
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_key,
+        ));
     Router::new()
         .merge(mcp)
         .merge(crate::api::router(app.clone()))
@@ -78,7 +81,11 @@ pub fn router(app: Arc<App>) -> Router {
 /// `Host` values rmcp accepts (DNS-rebinding protection): loopback names, the listen
 /// address and the public URL's host.
 fn allowed_hosts(app: &App) -> Vec<String> {
-    let mut hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut hosts = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     hosts.push(app.config.listen.clone());
     if let Ok(url) = url::Url::parse(&app.config.public_url)
         && let Some(h) = url.host_str()
@@ -94,7 +101,11 @@ fn allowed_hosts(app: &App) -> Vec<String> {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     match app.store.ping().await {
         Ok(()) => "ready".into_response(),
-        Err(_) => (http::StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response(),
+        Err(_) => (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "database unreachable",
+        )
+            .into_response(),
     }
 }
 
@@ -107,7 +118,10 @@ pub fn unauthorized() -> Response {
     let body = serde_json::json!({"error": {"kind": "unauthorized", "message": "missing, invalid, expired or revoked API key"}});
     (
         http::StatusCode::UNAUTHORIZED,
-        [(http::header::WWW_AUTHENTICATE, r#"Bearer realm="mcp-marketplace""#)],
+        [(
+            http::header::WWW_AUTHENTICATE,
+            r#"Bearer realm="mcp-marketplace""#,
+        )],
         axum::Json(body),
     )
         .into_response()
@@ -117,7 +131,10 @@ pub fn unauthorized() -> Response {
 ///
 /// # Errors
 /// [`KeyError::Unauthorized`] when no valid key was presented.
-pub async fn authenticate_request(app: &App, headers: &http::HeaderMap) -> Result<KeyContext, KeyError> {
+pub async fn authenticate_request(
+    app: &App,
+    headers: &http::HeaderMap,
+) -> Result<KeyContext, KeyError> {
     let key = presented_key(headers).ok_or(KeyError::Unauthorized)?;
     authenticate(&app.store, key).await
 }
@@ -130,7 +147,11 @@ pub async fn require_key(State(app): State<Arc<App>>, mut req: Request, next: Ne
         Err(KeyError::Unauthorized) => return unauthorized(),
         Err(e) => {
             tracing::error!(error = %e, "key lookup failed");
-            return (http::StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable").into_response();
+            return (
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily unavailable",
+            )
+                .into_response();
         }
     };
     let slug = req

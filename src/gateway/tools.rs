@@ -29,7 +29,10 @@ const MAX_SEARCH_RESULTS: usize = 50;
 /// (DESIGN.md "Errors a client sees": a key never learns what it cannot call).
 pub fn unknown_tool(name: &str) -> ErrorData {
     let shown: String = name.chars().take(128).collect();
-    ErrorData::invalid_params(format!("Unknown tool: {shown}"), Some(json!({"kind": "unknown_tool"})))
+    ErrorData::invalid_params(
+        format!("Unknown tool: {shown}"),
+        Some(json!({"kind": "unknown_tool"})),
+    )
 }
 
 /// An internal failure, without details.
@@ -52,7 +55,8 @@ fn listed(tool: &CatalogTool, name: &str, price_micros: i64) -> Option<Tool> {
     if !meta.is_object() {
         *meta = json!({});
     }
-    meta.as_object_mut()?.insert(PRICE_META_KEY.into(), price_meta(price_micros));
+    meta.as_object_mut()?
+        .insert(PRICE_META_KEY.into(), price_meta(price_micros));
     serde_json::from_value(def).ok()
 }
 
@@ -69,14 +73,24 @@ pub async fn list(app: &App, caller: &Caller) -> Result<Vec<Tool>, ErrorData> {
             out.extend(
                 marketplace_tools()
                     .into_iter()
-                    .filter(|(t, scope)| key.allows_tool(&t.name) && scope.is_none_or(|s| key.has_scope(s)))
+                    .filter(|(t, scope)| {
+                        key.allows_tool(&t.name) && scope.is_none_or(|s| key.has_scope(s))
+                    })
                     .map(|(t, _)| t),
             );
-            let tools = app.catalog.tools_for_account(&key.account_id).await.map_err(internal)?;
+            let tools = app
+                .catalog
+                .tools_for_account(&key.account_id)
+                .await
+                .map_err(internal)?;
             let mut servers = HashMap::new();
             for t in &tools {
                 if !servers.contains_key(&t.server_id) {
-                    let s = app.catalog.get_by_id(&t.server_id).await.map_err(internal)?;
+                    let s = app
+                        .catalog
+                        .get_by_id(&t.server_id)
+                        .await
+                        .map_err(internal)?;
                     servers.insert(t.server_id.clone(), s);
                 }
             }
@@ -87,7 +101,11 @@ pub async fn list(app: &App, caller: &Caller) -> Result<Vec<Tool>, ErrorData> {
                 Ok(s) if s.status.is_callable() => s,
                 _ => return Ok(Vec::new()),
             };
-            let tools = app.catalog.tools_of_server(&server.id).await.map_err(internal)?;
+            let tools = app
+                .catalog
+                .tools_of_server(&server.id)
+                .await
+                .map_err(internal)?;
             (tools, HashMap::from([(server.id.clone(), server)]))
         }
     };
@@ -95,12 +113,22 @@ pub async fn list(app: &App, caller: &Caller) -> Result<Vec<Tool>, ErrorData> {
         return Ok(out);
     }
     for t in &tools {
-        let Some(server) = servers.get(&t.server_id) else { continue };
+        let Some(server) = servers.get(&t.server_id) else {
+            continue;
+        };
         if !key.allows_tool(&t.namespaced_name) {
             continue;
         }
-        let price = if server.owner_account_id == key.account_id { 0 } else { server.price_of(&t.name) };
-        let name = if caller.slug.is_some() { &t.name } else { &t.namespaced_name };
+        let price = if server.owner_account_id == key.account_id {
+            0
+        } else {
+            server.price_of(&t.name)
+        };
+        let name = if caller.slug.is_some() {
+            &t.name
+        } else {
+            &t.namespaced_name
+        };
         if let Some(tool) = listed(t, name, price) {
             out.push(tool);
         }
@@ -195,7 +223,10 @@ fn ok(value: Value) -> CallToolResult {
 pub fn tool_error(kind: &str, message: String, retry_after_s: Option<u64>) -> CallToolResult {
     let mut r = CallToolResult::error(vec![ContentBlock::text(message)]);
     let mut meta = serde_json::Map::new();
-    meta.insert(ERROR_META_KEY.into(), json!({"kind": kind, "retry_after_s": retry_after_s}));
+    meta.insert(
+        ERROR_META_KEY.into(),
+        json!({"kind": kind, "retry_after_s": retry_after_s}),
+    );
     r.meta = Some(MetaObject(meta));
     r
 }
@@ -234,7 +265,10 @@ pub async fn call_marketplace(
     args: serde_json::Map<String, Value>,
 ) -> Result<CallToolResult, ErrorData> {
     let key = &caller.key;
-    let Some((_, scope)) = marketplace_tools().into_iter().find(|(t, _)| t.name == name) else {
+    let Some((_, scope)) = marketplace_tools()
+        .into_iter()
+        .find(|(t, _)| t.name == name)
+    else {
         return Err(unknown_tool(name));
     };
     if scope.is_some_and(|s| !key.has_scope(s)) {
@@ -243,7 +277,11 @@ pub async fn call_marketplace(
     let short = &name[MARKETPLACE_PREFIX.len()..];
     match short {
         "get_balance" => {
-            let b = app.ledger.account_balance(&key.account_id).await.map_err(internal)?;
+            let b = app
+                .ledger
+                .account_balance(&key.account_id)
+                .await
+                .map_err(internal)?;
             Ok(ok(json!({
                 "account": key.account_name,
                 "balance_micros": b.wallet_micros,
@@ -258,8 +296,14 @@ pub async fn call_marketplace(
             let limit = args
                 .get("limit")
                 .and_then(Value::as_u64)
-                .map_or(MAX_SEARCH_RESULTS, |l| (l as usize).clamp(1, MAX_SEARCH_RESULTS));
-            let installed = app.catalog.installed_slugs(&key.account_id).await.map_err(internal)?;
+                .map_or(MAX_SEARCH_RESULTS, |l| {
+                    (l as usize).clamp(1, MAX_SEARCH_RESULTS)
+                });
+            let installed = app
+                .catalog
+                .installed_slugs(&key.account_id)
+                .await
+                .map_err(internal)?;
             let mut out = Vec::new();
             for s in app.catalog.search(query, limit).await.map_err(internal)? {
                 let tools = app.catalog.tools_of_server(&s.id).await.map_err(internal)?;
@@ -269,32 +313,60 @@ pub async fn call_marketplace(
         }
         "get_server" | "install_server" | "uninstall_server" => {
             let Some(slug) = slug_arg(&args) else {
-                return Ok(tool_error("invalid_arguments", "Give the server's slug in 'slug'.".into(), None));
+                return Ok(tool_error(
+                    "invalid_arguments",
+                    "Give the server's slug in 'slug'.".into(),
+                    None,
+                ));
             };
             let server = match app.catalog.get(slug).await {
                 Ok(s) if s.status.is_callable() || short == "uninstall_server" => s,
                 _ => {
                     return Ok(tool_error(
                         "unknown_server",
-                        format!("There is no available server '{}'. Use marketplace__search_servers to find one.",
-                            slug.chars().take(64).collect::<String>()),
+                        format!(
+                            "There is no available server '{}'. Use marketplace__search_servers to find one.",
+                            slug.chars().take(64).collect::<String>()
+                        ),
                         None,
                     ));
                 }
             };
             match short {
                 "get_server" => {
-                    let installed = app.catalog.installed_slugs(&key.account_id).await.map_err(internal)?;
-                    let tools = app.catalog.tools_of_server(&server.id).await.map_err(internal)?;
-                    Ok(ok(server_summary(&server, installed.contains(&server.slug), &tools)))
+                    let installed = app
+                        .catalog
+                        .installed_slugs(&key.account_id)
+                        .await
+                        .map_err(internal)?;
+                    let tools = app
+                        .catalog
+                        .tools_of_server(&server.id)
+                        .await
+                        .map_err(internal)?;
+                    Ok(ok(server_summary(
+                        &server,
+                        installed.contains(&server.slug),
+                        &tools,
+                    )))
                 }
                 "install_server" => {
-                    let added = app.install(&key.account_id, &server.slug).await.map_err(internal)?;
-                    Ok(ok(json!({"slug": server.slug, "installed": true, "changed": added})))
+                    let added = app
+                        .install(&key.account_id, &server.slug)
+                        .await
+                        .map_err(internal)?;
+                    Ok(ok(
+                        json!({"slug": server.slug, "installed": true, "changed": added}),
+                    ))
                 }
                 _ => {
-                    let removed = app.uninstall(&key.account_id, &server.slug).await.map_err(internal)?;
-                    Ok(ok(json!({"slug": server.slug, "installed": false, "changed": removed})))
+                    let removed = app
+                        .uninstall(&key.account_id, &server.slug)
+                        .await
+                        .map_err(internal)?;
+                    Ok(ok(
+                        json!({"slug": server.slug, "installed": false, "changed": removed}),
+                    ))
                 }
             }
         }

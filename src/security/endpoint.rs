@@ -50,10 +50,15 @@ impl EndpointPolicy {
             let entry = entry.trim();
             match entry.rsplit_once(':') {
                 Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
-                    h.trim_start_matches('[').trim_end_matches(']').eq_ignore_ascii_case(host)
+                    h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .eq_ignore_ascii_case(host)
                         && p.parse::<u16>().ok() == port
                 }
-                _ => entry.trim_start_matches('[').trim_end_matches(']').eq_ignore_ascii_case(host),
+                _ => entry
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .eq_ignore_ascii_case(host),
             }
         })
     }
@@ -75,7 +80,7 @@ impl EndpointPolicy {
         }
         match url.host() {
             None => return Err(EndpointError::NoHost),
-            Some(Host::Domain(d)) if d.is_empty() => return Err(EndpointError::NoHost),
+            Some(Host::Domain("")) => return Err(EndpointError::NoHost),
             _ => {}
         }
         match url.scheme() {
@@ -92,16 +97,32 @@ mod tests {
 
     #[test]
     fn https_only_unless_allowed() {
-        let p = EndpointPolicy { allowed_hosts: vec!["127.0.0.1".into()] };
+        let p = EndpointPolicy {
+            allowed_hosts: vec!["127.0.0.1".into()],
+        };
         assert!(p.check("https://example.com/mcp").is_ok());
         assert!(p.check("http://127.0.0.1:9000/mcp").is_ok());
-        assert_eq!(p.check("http://example.com/mcp"), Err(EndpointError::Scheme));
+        assert_eq!(
+            p.check("http://example.com/mcp"),
+            Err(EndpointError::Scheme)
+        );
         assert_eq!(p.check("ftp://example.com/"), Err(EndpointError::Scheme));
-        assert_eq!(p.check("https://u:p@example.com/"), Err(EndpointError::Userinfo));
+        assert_eq!(
+            p.check("https://u:p@example.com/"),
+            Err(EndpointError::Userinfo)
+        );
         assert_eq!(p.check("not a url"), Err(EndpointError::Malformed));
-        assert_eq!(p.check("https://example.com/#x"), Err(EndpointError::Fragment));
-        let p = EndpointPolicy { allowed_hosts: vec!["localhost:8000".into()] };
+        assert_eq!(
+            p.check("https://example.com/#x"),
+            Err(EndpointError::Fragment)
+        );
+        let p = EndpointPolicy {
+            allowed_hosts: vec!["localhost:8000".into()],
+        };
         assert!(p.check("http://localhost:8000/mcp").is_ok());
-        assert_eq!(p.check("http://localhost:8001/mcp"), Err(EndpointError::Scheme));
+        assert_eq!(
+            p.check("http://localhost:8001/mcp"),
+            Err(EndpointError::Scheme)
+        );
     }
 }

@@ -159,7 +159,8 @@ pub fn now_ms() -> i64 {
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Database(db) => {
-            db.code().is_some_and(|c| c == "23505" || c == "2067" || c == "1555")
+            db.code()
+                .is_some_and(|c| c == "23505" || c == "2067" || c == "1555")
                 || db.message().contains("UNIQUE constraint failed")
         }
         _ => false,

@@ -141,7 +141,12 @@ impl UpstreamSession {
     /// A session (not yet initialized) with `url`, sending `secret` as
     /// `X-MCP-Marketplace-Secret` on every request and capping response bodies at
     /// `max_response_bytes`.
-    pub fn new(http: reqwest::Client, url: String, secret: &str, max_response_bytes: usize) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        url: String,
+        secret: &str,
+        max_response_bytes: usize,
+    ) -> Self {
         Self {
             http,
             url,
@@ -178,7 +183,10 @@ impl UpstreamSession {
             let info = self.session(reinitialized).await?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-            match self.post(&body, Some(&info), extra, Some(id), on_message).await {
+            match self
+                .post(&body, Some(&info), extra, Some(id), on_message)
+                .await
+            {
                 Err(UpstreamError::SessionExpired) if !reinitialized => {
                     tracing::debug!("upstream lost the session; re-initializing once");
                     reinitialized = true;
@@ -194,7 +202,11 @@ impl UpstreamSession {
     /// Ends the session: `DELETE` with `Mcp-Session-Id` (best effort).
     pub async fn close(&self) {
         let info = self.state.lock().await.take();
-        if let Some(SessionInfo { session_id: Some(id), protocol_version }) = info {
+        if let Some(SessionInfo {
+            session_id: Some(id),
+            protocol_version,
+        }) = info
+        {
             let _ = self
                 .http
                 .delete(&self.url)
@@ -237,13 +249,21 @@ impl UpstreamSession {
             .and_then(Value::as_str)
             .unwrap_or(UPSTREAM_PROTOCOL_VERSION)
             .to_owned();
-        let info = SessionInfo { session_id, protocol_version };
+        let info = SessionInfo {
+            session_id,
+            protocol_version,
+        };
         let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-        self.post(&note, Some(&info), &HeaderMap::new(), None, &|_| {}).await?;
+        self.post(&note, Some(&info), &HeaderMap::new(), None, &|_| {})
+            .await?;
         Ok(info)
     }
 
-    async fn post_initialize(&self, body: &Value, id: i64) -> Result<(Option<String>, Value), UpstreamError> {
+    async fn post_initialize(
+        &self,
+        body: &Value,
+        id: i64,
+    ) -> Result<(Option<String>, Value), UpstreamError> {
         let response = self.send(body, None, &HeaderMap::new()).await?;
         let session_id = response
             .headers()
@@ -251,7 +271,8 @@ impl UpstreamSession {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let result = self.read_response(response, Some(id), &|_| {}).await?;
-        let result = result.ok_or_else(|| UpstreamError::Protocol("no initialize result".into()))?;
+        let result =
+            result.ok_or_else(|| UpstreamError::Protocol("no initialize result".into()))?;
         Ok((session_id, result))
     }
 
@@ -275,7 +296,10 @@ impl UpstreamSession {
             }
             req = req.header("mcp-protocol-version", &info.protocol_version);
         }
-        let response = req.send().await.map_err(|e| UpstreamError::from_reqwest(&e))?;
+        let response = req
+            .send()
+            .await
+            .map_err(|e| UpstreamError::from_reqwest(&e))?;
         let status = response.status();
         if status == http::StatusCode::NOT_FOUND && info.is_some_and(|i| i.session_id.is_some()) {
             return Err(UpstreamError::SessionExpired);
@@ -332,7 +356,9 @@ impl UpstreamSession {
             while let Some(event) = events.next().await {
                 let event = match event {
                     Ok(e) => e,
-                    Err(_) if over.load(Ordering::Relaxed) => return Err(UpstreamError::TooLarge(cap)),
+                    Err(_) if over.load(Ordering::Relaxed) => {
+                        return Err(UpstreamError::TooLarge(cap));
+                    }
                     Err(_) => return Err(UpstreamError::Transport),
                 };
                 let Some(data) = event.data.filter(|d| !d.trim().is_empty()) else {
@@ -345,11 +371,17 @@ impl UpstreamSession {
                 }
                 on_message(message);
             }
-            Err(UpstreamError::Protocol("the stream ended without a response".into()))
+            Err(UpstreamError::Protocol(
+                "the stream ended without a response".into(),
+            ))
         } else if content_type.starts_with("application/json") {
             let mut body = Vec::new();
             let mut response = response;
-            while let Some(chunk) = response.chunk().await.map_err(|e| UpstreamError::from_reqwest(&e))? {
+            while let Some(chunk) = response
+                .chunk()
+                .await
+                .map_err(|e| UpstreamError::from_reqwest(&e))?
+            {
                 if body.len() + chunk.len() > cap {
                     return Err(UpstreamError::TooLarge(cap));
                 }
@@ -390,17 +422,25 @@ impl UpstreamSession {
         if let Some(id) = &info.session_id {
             req = req.header("mcp-session-id", id);
         }
-        let response = req.send().await.map_err(|e| UpstreamError::from_reqwest(&e))?;
+        let response = req
+            .send()
+            .await
+            .map_err(|e| UpstreamError::from_reqwest(&e))?;
         if !response.status().is_success() {
             return Err(UpstreamError::HttpStatus(response.status().as_u16()));
         }
-        let bytes = response.bytes_stream().map(|c| c.map_err(|e| CapError(e.to_string())));
+        let bytes = response
+            .bytes_stream()
+            .map(|c| c.map_err(|e| CapError(e.to_string())));
         let mut events = std::pin::pin!(sse_stream::SseStream::from_bytes_stream(bytes));
         while let Some(event) = events.next().await {
             let Ok(event) = event else {
                 return Err(UpstreamError::Transport);
             };
-            if let Some(message) = event.data.and_then(|d| serde_json::from_str::<Value>(&d).ok()) {
+            if let Some(message) = event
+                .data
+                .and_then(|d| serde_json::from_str::<Value>(&d).ok())
+            {
                 on_message(message);
             }
         }

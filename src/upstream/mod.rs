@@ -52,12 +52,22 @@ impl Upstreams {
     /// A session not bound to any account (tool-list fetches and list-changed watches).
     pub fn detached_session(&self, server: &Server, secret: &str) -> Option<UpstreamSession> {
         let url = server.endpoints.first()?;
-        Some(UpstreamSession::new(self.http.clone(), url.clone(), secret, self.max_response_bytes))
+        Some(UpstreamSession::new(
+            self.http.clone(),
+            url.clone(),
+            secret,
+            self.max_response_bytes,
+        ))
     }
 
     /// The session of `account_id` with `server`, created (not yet initialized) on first
     /// use. `None` when the server has no endpoint.
-    pub fn session(&self, account_id: &str, server: &Server, secret: &str) -> Option<Arc<UpstreamSession>> {
+    pub fn session(
+        &self,
+        account_id: &str,
+        server: &Server,
+        secret: &str,
+    ) -> Option<Arc<UpstreamSession>> {
         let key = (account_id.to_owned(), server.id.clone());
         if let Some(s) = self.sessions.get(&key) {
             return Some(s.clone());
@@ -121,7 +131,11 @@ impl Upstreams {
     ///
     /// # Errors
     /// Any [`UpstreamError`]; [`UpstreamError::Protocol`] when `tools` is not an array.
-    pub async fn fetch_tools(&self, server: &Server, secret: &str) -> Result<Vec<Value>, UpstreamError> {
+    pub async fn fetch_tools(
+        &self,
+        server: &Server,
+        secret: &str,
+    ) -> Result<Vec<Value>, UpstreamError> {
         let session = self
             .detached_session(server, secret)
             .ok_or_else(|| UpstreamError::Protocol("the server has no endpoint".into()))?;
@@ -133,13 +147,17 @@ impl Upstreams {
                     Some(c) => json!({ "cursor": c }),
                     None => json!({}),
                 };
-                let page = session.request("tools/list", params, &HeaderMap::new(), &|_| {}).await?;
-                let items = page
-                    .get("tools")
-                    .and_then(Value::as_array)
-                    .ok_or_else(|| UpstreamError::Protocol("tools/list without a tools array".into()))?;
+                let page = session
+                    .request("tools/list", params, &HeaderMap::new(), &|_| {})
+                    .await?;
+                let items = page.get("tools").and_then(Value::as_array).ok_or_else(|| {
+                    UpstreamError::Protocol("tools/list without a tools array".into())
+                })?;
                 tools.extend(items.iter().cloned());
-                cursor = page.get("nextCursor").and_then(Value::as_str).map(str::to_owned);
+                cursor = page
+                    .get("nextCursor")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 if cursor.is_none() {
                     break;
                 }

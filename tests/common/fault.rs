@@ -11,8 +11,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use mcp_marketplace::demo::upstreams::SecretSlot;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult, PaginatedRequestParams,
-    ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -48,10 +48,22 @@ impl ServerHandler for Faulty {
         _c: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         Ok(ListToolsResult::with_all_items(vec![
-            tool("add", "Adds a and b.", json!({"a": {"type": "number"}, "b": {"type": "number"}})),
+            tool(
+                "add",
+                "Adds a and b.",
+                json!({"a": {"type": "number"}, "b": {"type": "number"}}),
+            ),
             tool("fail", "Always fails with isError.", json!({})),
-            tool("sleep", "Sleeps ms milliseconds.", json!({"ms": {"type": "integer"}})),
-            tool("big", "Answers with bytes bytes of text.", json!({"bytes": {"type": "integer"}})),
+            tool(
+                "sleep",
+                "Sleeps ms milliseconds.",
+                json!({"ms": {"type": "integer"}}),
+            ),
+            tool(
+                "big",
+                "Answers with bytes bytes of text.",
+                json!({"bytes": {"type": "integer"}}),
+            ),
         ]))
     }
 
@@ -63,13 +75,17 @@ impl ServerHandler for Faulty {
         let args = request.arguments.unwrap_or_default();
         let num = |k: &str| args.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         let result = match request.name.as_ref() {
-            "add" => CallToolResult::success(vec![ContentBlock::text((num("a") + num("b")).to_string())]),
+            "add" => {
+                CallToolResult::success(vec![ContentBlock::text((num("a") + num("b")).to_string())])
+            }
             "fail" => CallToolResult::error(vec![ContentBlock::text("deliberate failure")]),
             "sleep" => {
                 tokio::time::sleep(std::time::Duration::from_millis(num("ms") as u64)).await;
                 CallToolResult::success(vec![ContentBlock::text("slept")])
             }
-            "big" => CallToolResult::success(vec![ContentBlock::text("x".repeat(num("bytes") as usize))]),
+            "big" => {
+                CallToolResult::success(vec![ContentBlock::text("x".repeat(num("bytes") as usize))])
+            }
             other => return Err(ErrorData::invalid_params(format!("no tool {other}"), None)),
         };
         Ok(result.into())
@@ -98,28 +114,46 @@ impl FaultServer {
             StreamableHttpServerConfig::default().with_cancellation_token(ct.child_token()),
         );
         let m = mode.clone();
-        let router = axum::Router::new()
-            .route_service("/mcp", service)
-            .layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-                let m = m.clone();
-                async move {
-                    if m.load(Ordering::Relaxed) == HTTP_500 && req.method() == http::Method::POST {
-                        let (parts, body) = req.into_parts();
-                        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
-                        if String::from_utf8_lossy(&bytes).contains("tools/call") {
-                            return (http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
+        let router =
+            axum::Router::new()
+                .route_service("/mcp", service)
+                .layer(axum::middleware::from_fn(
+                    move |req: Request, next: Next| {
+                        let m = m.clone();
+                        async move {
+                            if m.load(Ordering::Relaxed) == HTTP_500
+                                && req.method() == http::Method::POST
+                            {
+                                let (parts, body) = req.into_parts();
+                                let bytes = axum::body::to_bytes(body, 1 << 20)
+                                    .await
+                                    .unwrap_or_default();
+                                if String::from_utf8_lossy(&bytes).contains("tools/call") {
+                                    return (http::StatusCode::INTERNAL_SERVER_ERROR, "boom")
+                                        .into_response();
+                                }
+                                return next
+                                    .run(Request::from_parts(parts, Body::from(bytes)))
+                                    .await;
+                            }
+                            let r: Response = next.run(req).await;
+                            r
                         }
-                        return next.run(Request::from_parts(parts, Body::from(bytes))).await;
-                    }
-                    let r: Response = next.run(req).await;
-                    r
-                }
-            }));
+                    },
+                ));
         let t = ct.clone();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).with_graceful_shutdown(t.cancelled_owned()).await;
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(t.cancelled_owned())
+                .await;
         });
-        Self { url: format!("http://{addr}/mcp"), mode, secret, ct, task }
+        Self {
+            url: format!("http://{addr}/mcp"),
+            mode,
+            secret,
+            ct,
+            task,
+        }
     }
 
     pub fn set_mode(&self, mode: u8) {

@@ -51,19 +51,31 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = format!("sqlite://{}", dir.path().join("market.db").display());
-                Self { url, backend, _dir: Some(dir), pg: None }
+                Self {
+                    url,
+                    backend,
+                    _dir: Some(dir),
+                    pg: None,
+                }
             }
             Backend::Postgres => {
                 let admin = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL");
                 let name = format!("mkt_test_{}", uuid::Uuid::now_v7().simple());
-                let mut conn = sqlx::PgConnection::connect(&admin).await.expect("connect to TEST_DATABASE_URL");
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .expect("connect to TEST_DATABASE_URL");
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .execute(&mut conn)
                     .await
                     .expect("create test database");
                 let mut url = url::Url::parse(&admin).expect("TEST_DATABASE_URL is a URL");
                 url.set_path(&format!("/{name}"));
-                Self { url: url.to_string(), backend, _dir: None, pg: Some((admin, name)) }
+                Self {
+                    url: url.to_string(),
+                    backend,
+                    _dir: None,
+                    pg: Some((admin, name)),
+                }
             }
         }
     }
@@ -73,12 +85,17 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some((admin, name)) = self.pg.take() {
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 rt.block_on(async move {
                     if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
-                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                            .execute(&mut conn)
-                            .await;
+                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut conn)
+                        .await;
                     }
                 });
             })
@@ -113,7 +130,9 @@ impl Market {
 
     pub async fn start_with(db: TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
         mcp_marketplace::install_crypto_provider();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut config = test_config(&db);
         config.listen = addr.to_string();
@@ -128,7 +147,13 @@ impl Market {
                 app.serve(listener, shutdown).await.expect("serve");
             }
         });
-        Self { app, base: format!("http://{addr}"), db, shutdown, task }
+        Self {
+            app,
+            base: format!("http://{addr}"),
+            db,
+            shutdown,
+            task,
+        }
     }
 
     pub async fn stop(self) -> TestDb {
@@ -143,14 +168,23 @@ impl Market {
     }
 
     pub async fn account(&self, name: &str) -> Account {
-        create_account(&self.app.store, name).await.expect("account")
+        create_account(&self.app.store, name)
+            .await
+            .expect("account")
     }
 
     pub async fn key(&self, account: &str, scopes: &[Scope]) -> String {
-        create_key(&self.app.store, account, &NewKey { scopes: scopes.to_vec(), ..NewKey::default() })
-            .await
-            .expect("key")
-            .1
+        create_key(
+            &self.app.store,
+            account,
+            &NewKey {
+                scopes: scopes.to_vec(),
+                ..NewKey::default()
+            },
+        )
+        .await
+        .expect("key")
+        .1
     }
 
     /// Registers `url` as `slug` owned by `owner` (pending review); returns the secret.
@@ -163,15 +197,28 @@ impl Market {
             timeout_ms: Some(5_000),
             ..NewServer::default()
         };
-        self.app.catalog.register(&owner.id, &new, &self.app.policy).await.expect("register").1
+        self.app
+            .catalog
+            .register(&owner.id, &new, &self.app.policy)
+            .await
+            .expect("register")
+            .1
     }
 
     pub async fn balance(&self, account: &Account) -> AccountBalance {
-        self.app.ledger.account_balance(&account.id).await.expect("balance")
+        self.app
+            .ledger
+            .account_balance(&account.id)
+            .await
+            .expect("balance")
     }
 
     pub async fn platform(&self) -> PlatformBalance {
-        self.app.ledger.platform_balance().await.expect("platform balance")
+        self.app
+            .ledger
+            .platform_balance()
+            .await
+            .expect("platform balance")
     }
 
     pub async fn assert_ledger_ok(&self) {
@@ -186,8 +233,9 @@ impl Market {
 
 pub async fn client_at(url: &str, key: &str) -> RunningService<RoleClient, ()> {
     mcp_marketplace::install_crypto_provider();
-    let transport =
-        StreamableHttpClientTransport::from_config(StreamableHttpClientTransportConfig::with_uri(url).auth_header(key));
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url).auth_header(key),
+    );
     ().serve(transport).await.expect("MCP client connects")
 }
 
@@ -211,19 +259,40 @@ impl World {
         let market = Market::start(TestDb::new(backend).await).await;
         let creator = market.account("creator").await;
         let user = market.account("user").await;
-        let units = upstreams::spawn_unit_converter(bind().await, SecretSlot::default()).await.expect("units");
-        let notes = upstreams::spawn_notes(bind().await, SecretSlot::default()).await.expect("notes");
-        for (slug, server, pricing) in [("units", &units, "0.02_per_request"), ("notes", &notes, "0.01_per_request")] {
+        let units = upstreams::spawn_unit_converter(bind().await, SecretSlot::default())
+            .await
+            .expect("units");
+        let notes = upstreams::spawn_notes(bind().await, SecretSlot::default())
+            .await
+            .expect("notes");
+        for (slug, server, pricing) in [
+            ("units", &units, "0.02_per_request"),
+            ("notes", &notes, "0.01_per_request"),
+        ] {
             let secret = market.register(&creator, slug, &server.url, pricing).await;
             *server.secret.write().expect("secret slot") = Some(secret);
             market.app.approve(slug).await.expect("approve");
             market.app.install(&user.id, slug).await.expect("install");
         }
         if funds > 0 {
-            market.app.ledger.topup(&user.id, funds, "test").await.expect("topup");
+            market
+                .app
+                .ledger
+                .topup(&user.id, funds, "test")
+                .await
+                .expect("topup");
         }
-        let key = market.key("user", &[Scope::Invoke, Scope::CatalogRead]).await;
-        Self { market, creator, user, key, units, notes }
+        let key = market
+            .key("user", &[Scope::Invoke, Scope::CatalogRead])
+            .await;
+        Self {
+            market,
+            creator,
+            user,
+            key,
+            units,
+            notes,
+        }
     }
 
     pub async fn stop(self) {
@@ -234,7 +303,9 @@ impl World {
 }
 
 pub async fn bind() -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind")
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
 }
 
 /// `arguments` of a tool call from a JSON object literal.

@@ -1,0 +1,372 @@
+//! The command line, run as the real binary against a real database, with `register`
+//! talking to a running marketplace over HTTP.
+
+mod common;
+
+use std::process::Output;
+
+use common::{Market, TestDb, args, backends, bind, client_at};
+use mcp_marketplace::demo::upstreams::{SecretSlot, spawn_unit_converter};
+use rmcp::model::CallToolRequestParams;
+use serde_json::{Value, json};
+
+fn bin(db: &str, argv: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mcp-marketplace"))
+        .args(argv)
+        .env("MCP_MARKETPLACE_DATABASE_URL", db)
+        .env("MCP_MARKETPLACE_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test]
+async fn admin_commands_manage_accounts_keys_credits_and_the_ledger() {
+    for backend in backends() {
+        let db = TestDb::new(backend).await;
+        let url = db.url.clone();
+        let a = json_of(&bin(&url, &["accounts", "create", "alice", "--json"]));
+        assert_eq!(a["account"], json!("alice"));
+        // Bad input: a clear error, exit non-zero, nothing written.
+        let out = bin(&url, &["accounts", "create", "bad name!", "--json"]);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("invalid account name")
+        );
+        let out = bin(&url, &["accounts", "create", "alice"]);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("already exists")
+        );
+
+        let k = json_of(&bin(
+            &url,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "alice",
+                "--scopes",
+                "invoke,catalog:read",
+                "--json",
+            ],
+        ));
+        let key = k["key"].as_str().unwrap();
+        assert!(key.starts_with("mkt_") && key.len() >= 36);
+        assert_eq!(k["prefix"].as_str().unwrap(), &key[..12]);
+        assert_eq!(k["scopes"], json!(["invoke", "catalog:read"]));
+        let out = bin(
+            &url,
+            &["keys", "create", "--account", "alice", "--scopes", "root"],
+        );
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown scope")
+        );
+        let listed = json_of(&bin(
+            &url,
+            &["keys", "list", "--account", "alice", "--json"],
+        ));
+        assert_eq!(listed["keys"].as_array().unwrap().len(), 1);
+        assert!(
+            !listed.to_string().contains(key),
+            "a key is shown once only"
+        );
+
+        let g = json_of(&bin(
+            &url,
+            &[
+                "credits",
+                "grant",
+                "--account",
+                "alice",
+                "--amount",
+                "10.00",
+                "--json",
+            ],
+        ));
+        assert_eq!(g["wallet_micros"], json!(10_000_000));
+        for bad in ["-5", "0", "abc", "1e3", "0.0000001", "99999999"] {
+            let out = bin(
+                &url,
+                &["credits", "grant", "--account", "alice", "--amount", bad],
+            );
+            assert!(!out.status.success(), "grant of {bad} refused");
+        }
+        let out = bin(
+            &url,
+            &["credits", "grant", "--account", "nobody", "--amount", "1"],
+        );
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no account")
+        );
+        let b = json_of(&bin(
+            &url,
+            &["ledger", "balance", "--account", "alice", "--json"],
+        ));
+        assert_eq!(
+            b,
+            json!({"account": "alice", "wallet_micros": 10_000_000, "holds_micros": 0, "earnings_micros": 0})
+        );
+        let p = json_of(&bin(&url, &["ledger", "balance", "--platform", "--json"]));
+        assert_eq!(p, json!({"revenue_micros": 0, "holds_micros": 0}));
+        assert_eq!(
+            json_of(&bin(&url, &["ledger", "verify", "--json"]))["ok"],
+            json!(true)
+        );
+
+        let r = json_of(&bin(&url, &["keys", "revoke", &key[..12], "--json"]));
+        assert_eq!(r["revoked"], json!(true));
+        let out = bin(&url, &["keys", "revoke", "mkt_nothere0"]);
+        assert!(!out.status.success());
+
+        // ledger verify notices a tampered balance.
+        let store = mcp_marketplace::store::Store::connect(&url).await.unwrap();
+        sqlx::query("UPDATE ledger_accounts SET balance = balance + 1 WHERE kind = 'wallet'")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        store.close().await;
+        let out = bin(&url, &["ledger", "verify"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("entries sum to"));
+    }
+}
+
+// Multi-threaded: the binary runs blocking while the in-process marketplace serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creator_registers_with_the_cli_and_an_admin_approves() {
+    for backend in backends() {
+        let market = Market::start(TestDb::new(backend).await).await;
+        let url = market.db.url.clone();
+        let units = spawn_unit_converter(bind().await, SecretSlot::default())
+            .await
+            .unwrap();
+        json_of(&bin(&url, &["accounts", "create", "maker", "--json"]));
+        json_of(&bin(&url, &["accounts", "create", "agent", "--json"]));
+        let maker_key = json_of(&bin(
+            &url,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "maker",
+                "--scopes",
+                "servers:write",
+                "--json",
+            ],
+        ))["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let register = |extra: &[&str]| {
+            let mut argv = vec![
+                "register",
+                "--marketplace",
+                &market.base,
+                "--api-key",
+                &maker_key,
+                "--name",
+                "Unit Converter",
+                "--json",
+            ];
+            argv.extend_from_slice(extra);
+            bin(&url, &argv)
+        };
+        // Refused: bad URL, slug, price.
+        for extra in [
+            &[
+                "--endpoint",
+                "ftp://x.example.com/mcp",
+                "--pricing",
+                "0.02_per_request",
+            ][..],
+            &[
+                "--endpoint",
+                &units.url,
+                "--pricing",
+                "0.02_per_request",
+                "--slug",
+                "Bad_Slug",
+            ][..],
+            &["--endpoint", &units.url, "--pricing", "-0.02_per_request"][..],
+            &[
+                "--endpoint",
+                &units.url,
+                "--pricing",
+                "0.02_per_request",
+                "--tool-price",
+                "convert",
+            ][..],
+        ] {
+            let out = register(extra);
+            assert!(!out.status.success(), "{extra:?} should be refused");
+            assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+        }
+        assert!(
+            json_of(&bin(&url, &["servers", "list", "--json"]))["servers"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+
+        let created = json_of(&register(&[
+            "--endpoint",
+            &units.url,
+            "--pricing",
+            "0.02_per_request",
+            "--slug",
+            "units",
+            "--tool-price",
+            "list_units=0.001",
+        ]));
+        assert_eq!(created["slug"], json!("units"));
+        assert_eq!(created["status"], json!("pending_review"));
+        *units.secret.write().unwrap() = Some(created["secret"].as_str().unwrap().to_owned());
+
+        let approved = json_of(&bin(&url, &["servers", "approve", "units", "--json"]));
+        assert_eq!(approved["status"], json!("active"));
+        assert!(approved["tools"].as_u64().unwrap() >= 2);
+        json_of(&bin(
+            &url,
+            &[
+                "servers",
+                "install",
+                "units",
+                "--account",
+                "agent",
+                "--json",
+            ],
+        ));
+        json_of(&bin(
+            &url,
+            &[
+                "credits",
+                "grant",
+                "--account",
+                "agent",
+                "--amount",
+                "1",
+                "--json",
+            ],
+        ));
+        let agent_key = json_of(&bin(
+            &url,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "agent",
+                "--scopes",
+                "invoke",
+                "--json",
+            ],
+        ))["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+
+        // The running marketplace serves what the CLI set up.
+        let client = client_at(&market.mcp_url(), &agent_key).await;
+        let r = client
+            .call_tool(
+                CallToolRequestParams::new("units__list_units").with_arguments(args(json!({}))),
+            )
+            .await
+            .unwrap();
+        let receipt = r.meta.as_ref().unwrap().0["mcp-marketplace/receipt"].clone();
+        assert_eq!(
+            receipt["charged_micros"],
+            json!(1_000),
+            "per-tool price override"
+        );
+        client.cancel().await.ok();
+
+        // receipt verify: the receipt verifies; a tampered one does not.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("receipt.json");
+        std::fs::write(&file, receipt.to_string()).unwrap();
+        let ok = json_of(&bin(
+            &url,
+            &["receipt", "verify", file.to_str().unwrap(), "--json"],
+        ));
+        assert_eq!(ok["valid"], json!(true));
+        let jwks_url = format!("{}/.well-known/jwks.json", market.base);
+        let ok = json_of(&bin(
+            &url,
+            &[
+                "receipt",
+                "verify",
+                file.to_str().unwrap(),
+                "--jwks",
+                &jwks_url,
+                "--json",
+            ],
+        ));
+        assert_eq!(ok["valid"], json!(true));
+        let mut tampered = receipt.clone();
+        tampered["charged_micros"] = json!(0);
+        std::fs::write(&file, tampered.to_string()).unwrap();
+        let out = bin(&url, &["receipt", "verify", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+
+        let suspended = json_of(&bin(&url, &["servers", "suspend", "units", "--json"]));
+        assert_eq!(suspended["status"], json!("suspended"));
+        assert_eq!(
+            json_of(&bin(&url, &["ledger", "verify", "--json"]))["ok"],
+            json!(true)
+        );
+        market.stop().await;
+        units.shutdown().await;
+    }
+}
+
+#[test]
+fn config_file_and_variables_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("from-file.db").display());
+    let cfg = dir.path().join("market.toml");
+    std::fs::write(
+        &cfg,
+        format!("database_url = \"{db}\"\nplatform_fee_bps = 2500\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-marketplace"))
+        .args([
+            "accounts",
+            "create",
+            "carol",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+        ])
+        .env_remove("MCP_MARKETPLACE_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dir.path().join("from-file.db").exists(),
+        "the file's database_url was used"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-marketplace"))
+        .args(["--config", "/nonexistent/market.toml", "ledger", "verify"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("cannot read config file")
+    );
+}
