@@ -16,6 +16,7 @@ use crate::auth::Scope;
 use crate::auth::accounts::create_account;
 use crate::auth::keys::{NewKey, create_key};
 use crate::billing::pricing::format_usd;
+use crate::catalog::manifest::{BUILT_IN, Manifest};
 use crate::config::Config;
 
 /// Credits granted to the demo account (10 USD in micros).
@@ -45,7 +46,7 @@ pub struct Demo {
     pub app: Arc<App>,
     /// URL, key, slugs.
     pub info: DemoInfo,
-    examples: Vec<upstreams::ExampleServer>,
+    examples: Vec<(Manifest, upstreams::ExampleServer)>,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<Result<(), AppError>>,
 }
@@ -57,16 +58,24 @@ impl Demo {
     /// # Errors
     /// [`AppError`] when a listener, the store or a setup step fails.
     pub async fn start(mut config: Config) -> Result<Self, AppError> {
+        // One example per built-in manifest, keyed by its slug.
         let mut examples = Vec::new();
-        for spawn in [0, 1] {
+        for (file, text) in BUILT_IN {
+            let manifest =
+                Manifest::parse(text, file).map_err(|e| std::io::Error::other(e.to_string()))?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let slot = upstreams::SecretSlot::default();
-            let server = if spawn == 0 {
-                upstreams::spawn_unit_converter(listener, slot).await?
-            } else {
-                upstreams::spawn_notes(listener, slot).await?
+            let server = match manifest.slug.as_str() {
+                "unit-converter" => upstreams::spawn_unit_converter(listener, slot).await?,
+                "notes" => upstreams::spawn_notes(listener, slot).await?,
+                other => {
+                    return Err(std::io::Error::other(format!(
+                        "no example server for the built-in manifest '{other}'"
+                    ))
+                    .into());
+                }
             };
-            examples.push(server);
+            examples.push((manifest, server));
         }
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
@@ -104,33 +113,20 @@ impl Demo {
         )
         .await?
         .1;
-        let manifests = [
-            (
-                "Unit Converter",
-                "unit-converter",
-                "Convert lengths, masses, temperatures, volumes, data sizes, durations and speeds.",
-                "0.002_per_request",
-                vec!["utilities"],
-            ),
-            (
-                "Notes",
-                "notes",
-                "A private notes store: add, list, search, read and delete notes.",
-                "0.01_per_request",
-                vec!["productivity"],
-            ),
-        ];
         crate::install_crypto_provider();
         let http = reqwest::Client::new();
         let mut slugs = Vec::new();
-        for ((name, slug, description, pricing, categories), example) in
-            manifests.into_iter().zip(&examples)
-        {
+        for (manifest, example) in &examples {
+            let slug = manifest.slug.clone();
+            // Registered as a creator would, through the REST API, at the endpoint of the
+            // example started above instead of the manifest's fixed port.
             let response = http
                 .post(format!("http://{addr}/api/v1/servers"))
                 .bearer_auth(&creator_key)
-                .json(&json!({"name": name, "slug": slug, "description": description, "categories": categories,
-                              "endpoint": example.url, "pricing": pricing}))
+                .json(&json!({"name": manifest.name, "slug": slug, "description": manifest.description,
+                              "categories": manifest.categories, "endpoint": example.url,
+                              "pricing": manifest.pricing, "tool_prices": manifest.tool_prices,
+                              "timeout": manifest.timeout}))
                 .send()
                 .await
                 .map_err(|e| std::io::Error::other(format!("registering {slug}: {e}")))?;
@@ -145,9 +141,9 @@ impl Demo {
             if let Ok(mut s) = example.secret.write() {
                 *s = Some(secret.to_owned());
             }
-            app.approve(slug).await?;
-            app.install(&user.id, slug).await?;
-            slugs.push(slug.to_owned());
+            app.approve(&slug).await?;
+            app.install(&user.id, &slug).await?;
+            slugs.push(slug);
         }
         app.ledger
             .topup(&user.id, DEMO_CREDITS_MICROS, "demo credits")
@@ -180,7 +176,7 @@ impl Demo {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.server.await;
-        for e in self.examples {
+        for (_, e) in self.examples {
             e.shutdown().await;
         }
     }

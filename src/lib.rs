@@ -14,7 +14,7 @@
 //! | [`billing`] | prices in micros, the two-phase ledger, signed receipts |
 //! | [`auth`] | accounts, API keys and scopes, the Ed25519 signing key and upstream tokens |
 //! | [`security`] | endpoint URL policy |
-//! | [`catalog`] | servers, endpoints, prices, status, cached tools and their namespaced names, installs |
+//! | [`catalog`] | servers, endpoints, prices, status, cached tools and their namespaced names, installs, `tools-catalog/` manifests |
 //! | [`store`] | the sqlx pool (SQLite or PostgreSQL), migrations, transactions |
 //! | [`api`] | the REST API (`/api/v1/…`) |
 //! | [`config`] | flags, TOML file and `MCP_MARKETPLACE_*` variables |

@@ -4,6 +4,7 @@
 //! A client's `tools/list` is answered from here, never from an upstream: the tool
 //! definitions are fetched at approval and refreshed by `upstream::tools`.
 
+pub mod manifest;
 pub mod namespace;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use crate::billing::pricing::{self, PriceError};
 use crate::security::{EndpointError, EndpointPolicy};
 use crate::store::{Store, StoreError, Tx, is_unique_violation, now_ms};
 
+pub use manifest::{Manifest, ManifestError};
 pub use namespace::namespaced_name;
 
 /// Default per-call upstream timeout (ms).
