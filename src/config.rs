@@ -1,6 +1,7 @@
 //! Configuration: flags, a TOML file (`--config FILE`) and `MCP_MARKETPLACE_*`
-//! variables (DESIGN.md "Configuration file"). Precedence: flag or variable (clap reads
-//! both) over the file over the defaults here.
+//! variables (DESIGN.md "Configuration file"). Precedence: flag over variable over the
+//! file over the defaults here. Every file key is also a variable: `key` is
+//! `MCP_MARKETPLACE_KEY`, `[section] key` is `MCP_MARKETPLACE_SECTION__KEY`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,16 +25,18 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {0}: {1}")]
     Read(String, std::io::Error),
-    /// The file is not valid TOML of the expected shape.
-    #[error("invalid config file {0}: {1}")]
+    /// The file, or a variable, does not fit the expected shape.
+    #[error("invalid configuration in {0}: {1}")]
     Parse(String, String),
     /// A value is out of range.
     #[error("invalid setting {0}: {1}")]
     Invalid(&'static str, String),
 }
 
-/// The TOML file's shape. Unknown keys are ignored so newer files work with older
-/// binaries.
+/// The settings a TOML file and `MCP_MARKETPLACE_*` variables may give, every one
+/// optional. A file key `a` is also the variable `MCP_MARKETPLACE_A`; a key `b` of a
+/// section `[a]` is `MCP_MARKETPLACE_A__B` (DESIGN.md "Configuration file"). Unknown keys
+/// are ignored so newer files work with older binaries.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct FileConfig {
     /// `HOST:PORT` to listen on.
@@ -42,8 +45,9 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     /// The URL clients and upstreams know the marketplace by.
     pub public_url: Option<String>,
-    /// Hosts allowed over plain http (and on private addresses).
-    #[serde(default)]
+    /// Hosts allowed over plain http (and on private addresses): a TOML list, or one
+    /// comma-separated string (as a variable gives it).
+    #[serde(default, deserialize_with = "string_or_list")]
     pub allow_upstream_hosts: Vec<String>,
     /// Platform fee in basis points (3000 = 30 %).
     pub platform_fee_bps: Option<u32>,
@@ -53,18 +57,81 @@ pub struct FileConfig {
     pub max_response_bytes: Option<usize>,
     /// TTL of cached tool lists, e.g. `10m`.
     pub tools_ttl: Option<String>,
+    /// Interval of the hold sweep, e.g. `1m`.
+    pub sweep_interval: Option<String>,
+    /// Idle time after which an (account, server) upstream session closes, e.g. `5m`.
+    pub session_idle: Option<String>,
+}
+
+/// Accepts `["a", "b"]` or `"a,b"`.
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(
+        match <Option<OneOrMany> as serde::Deserialize>::deserialize(d)? {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => s
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            Some(OneOrMany::Many(v)) => v,
+        },
+    )
 }
 
 impl FileConfig {
-    /// Reads and parses a TOML file.
+    /// Reads the TOML file `path` (when given) overlaid with the `MCP_MARKETPLACE_*`
+    /// variables.
     ///
     /// # Errors
-    /// [`ConfigError::Read`], [`ConfigError::Parse`].
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read(path.display().to_string(), e))?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse(path.display().to_string(), e.to_string()))
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Parse`] when it
+    /// or a variable does not fit the expected shape.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        use config::{Environment, File, FileFormat};
+        let mut builder = config::Config::builder();
+        let origin = match path {
+            Some(p) => {
+                // Read it ourselves so a missing file is an error that names it.
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::Read(p.display().to_string(), e))?;
+                builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+                p.display().to_string()
+            }
+            None => "the environment".to_owned(),
+        };
+        // Variables stay strings (a numeric-looking URL or key must not turn into a
+        // number); serde converts them where a field wants a number.
+        builder
+            .add_source(
+                Environment::with_prefix("MCP_MARKETPLACE")
+                    .prefix_separator("_")
+                    .separator("__"),
+            )
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| ConfigError::Parse(origin, e.to_string()))
+    }
+}
+
+/// Parses an optional humantime duration (`30s`, `5m`), `default` when absent.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `key`.
+pub fn duration_or(
+    key: &'static str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        Some(v) => {
+            humantime::parse_duration(v).map_err(|e| ConfigError::Invalid(key, e.to_string()))
+        }
+        None => Ok(default),
     }
 }
 
@@ -123,22 +190,13 @@ pub struct Overrides {
     pub allow_upstream_hosts: Vec<String>,
 }
 
-fn env(key: &str) -> Option<String> {
-    std::env::var(format!("MCP_MARKETPLACE_{key}"))
-        .ok()
-        .filter(|v| !v.is_empty())
-}
-
 impl Config {
     /// Resolves flags over variables over the file over defaults.
     ///
     /// # Errors
     /// [`ConfigError`] for an unreadable file or an out-of-range value.
     pub fn resolve(file: Option<&Path>, cli: Overrides) -> Result<Self, ConfigError> {
-        let file = match file {
-            Some(p) => FileConfig::load(p)?,
-            None => FileConfig::default(),
-        };
+        let file = FileConfig::load(file)?;
         let d = Config::default();
         let listen = cli.listen.or(file.listen).unwrap_or(d.listen);
         let public_url = cli
@@ -148,31 +206,14 @@ impl Config {
             .trim_end_matches('/')
             .to_owned();
         let mut allow = file.allow_upstream_hosts;
-        if let Some(v) = env("ALLOW_UPSTREAM_HOSTS") {
-            allow.extend(
-                v.split(',')
-                    .map(|s| s.trim().to_owned())
-                    .filter(|s| !s.is_empty()),
-            );
-        }
         allow.extend(cli.allow_upstream_hosts);
-        let platform_fee_bps = match env("PLATFORM_FEE_BPS") {
-            Some(v) => v
-                .parse()
-                .map_err(|_| ConfigError::Invalid("platform_fee_bps", v))?,
-            None => file.platform_fee_bps.unwrap_or(d.platform_fee_bps),
-        };
+        let platform_fee_bps = file.platform_fee_bps.unwrap_or(d.platform_fee_bps);
         if platform_fee_bps > 10_000 {
             return Err(ConfigError::Invalid(
                 "platform_fee_bps",
                 "at most 10000".into(),
             ));
         }
-        let tools_ttl = match env("TOOLS_TTL").or(file.tools_ttl) {
-            Some(v) => humantime::parse_duration(&v)
-                .map_err(|e| ConfigError::Invalid("tools_ttl", e.to_string()))?,
-            None => d.tools_ttl,
-        };
         Ok(Self {
             listen,
             database_url: cli
@@ -184,9 +225,17 @@ impl Config {
             platform_fee_bps,
             max_request_bytes: file.max_request_bytes.unwrap_or(d.max_request_bytes),
             max_response_bytes: file.max_response_bytes.unwrap_or(d.max_response_bytes),
-            tools_ttl,
-            sweep_interval: d.sweep_interval,
-            session_idle: d.session_idle,
+            tools_ttl: duration_or("tools_ttl", file.tools_ttl.as_deref(), d.tools_ttl)?,
+            sweep_interval: duration_or(
+                "sweep_interval",
+                file.sweep_interval.as_deref(),
+                d.sweep_interval,
+            )?,
+            session_idle: duration_or(
+                "session_idle",
+                file.session_idle.as_deref(),
+                d.session_idle,
+            )?,
         })
     }
 }

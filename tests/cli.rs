@@ -361,6 +361,17 @@ fn config_file_and_variables_are_read() {
         dir.path().join("from-file.db").exists(),
         "the file's database_url was used"
     );
+    // Every setting is also a variable, which wins over the file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-marketplace"))
+        .args(["--config", cfg.to_str().unwrap(), "ledger", "verify"])
+        .env("MCP_MARKETPLACE_PLATFORM_FEE_BPS", "12000")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("platform_fee_bps"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-marketplace"))
         .args(["--config", "/nonexistent/market.toml", "ledger", "verify"])
         .output()
