@@ -312,6 +312,13 @@ impl App {
         self.spawn_background();
         let router = crate::gateway::router(self.clone());
         let app = self.clone();
+        // Without TCP_NODELAY every small SSE answer waits ~40 ms for a delayed ACK
+        // (DESIGN.md "Measured pitfalls").
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         let result = axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 shutdown.cancelled().await;

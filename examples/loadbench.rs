@@ -1,0 +1,557 @@
+//! Load benchmark: what the marketplace adds to a `tools/call`, measured against the
+//! direct call in the same run.
+//!
+//! ```text
+//! cargo run --release --example loadbench -- --connections 1,32 --seconds 15
+//! ```
+//!
+//! It starts a fast upstream (an rmcp streamable-HTTP echo server with two tools,
+//! `echo` priced 0.0001 USD per call and `echo_free`), the marketplace on a fresh SQLite
+//! file (and on a fresh PostgreSQL database when `TEST_DATABASE_URL` is set), registers,
+//! approves and installs the echo server, funds an account, and then, for each
+//! connection count, drives `tools/call` over established MCP sessions (one session and
+//! one keep-alive HTTP/1.1 connection per concurrent client, each client sending its
+//! next request when the previous answer arrived), alternating three modes in rounds:
+//!
+//! - `a direct`: straight to the upstream;
+//! - `b free`: through the marketplace's `/mcp` on the free tool (auth, resolve,
+//!   forward, a zero-price reserve and settle, receipt);
+//! - `c paid`: through `/mcp` on the paid tool (full metering: reserve, settle 70/30,
+//!   signed receipt).
+//!
+//! It prints requests/s and p50/p90/p99 latency per mode, and the ratios b/a and c/a.
+//! Every response must be a successful tool result (any other answer aborts the run),
+//! and afterwards `ledger verify` must hold and the paid calls must equal the settled
+//! ones. The client runs on the same two cores as the servers, in every mode alike.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use hdrhistogram::Histogram;
+use mcp_marketplace::app::App;
+use mcp_marketplace::auth::Scope;
+use mcp_marketplace::auth::accounts::create_account;
+use mcp_marketplace::auth::keys::{NewKey, create_key};
+use mcp_marketplace::catalog::NewServer;
+use mcp_marketplace::config::Config;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Price of the paid echo tool: 0.0001 USD.
+const PAID_PRICE_MICROS: i64 = 100;
+/// Funds of the benchmark account: enough for every paid call of any run.
+const FUNDS_MICROS: i64 = 1_000_000 * 1_000_000;
+/// Rounds in which the three modes alternate.
+const ROUNDS: u32 = 3;
+/// Unmeasured time each mode runs before its first measured round.
+const WARMUP: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------- the echo upstream
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct EchoArgs {
+    /// Text to send back.
+    message: String,
+}
+
+#[derive(Debug, Clone)]
+struct Echo {
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl Echo {
+    fn new() -> Self {
+        Self {
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    #[tool(description = "Send the message back (paid).")]
+    fn echo(&self, Parameters(a): Parameters<EchoArgs>) -> CallToolResult {
+        CallToolResult::success(vec![ContentBlock::text(a.message)])
+    }
+
+    #[tool(description = "Send the message back (free).")]
+    fn echo_free(&self, Parameters(a): Parameters<EchoArgs>) -> CallToolResult {
+        CallToolResult::success(vec![ContentBlock::text(a.message)])
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Echo {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+}
+
+async fn spawn_echo(cancel: CancellationToken) -> Result<String> {
+    use axum::serve::ListenerExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let service: StreamableHttpService<Echo, LocalSessionManager> = StreamableHttpService::new(
+        || Ok(Echo::new()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default().with_cancellation_token(cancel.child_token()),
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = listener.tap_io(|s| {
+        let _ = s.set_nodelay(true);
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+    });
+    Ok(format!("http://{addr}/mcp"))
+}
+
+// ---------------------------------------------------------------- the marketplace
+
+struct Marketplace {
+    app: Arc<App>,
+    mcp_url: String,
+    key: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn fresh_postgres(admin: &str) -> Result<String> {
+    use sqlx::Connection;
+    let name = format!("mkt_bench_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(admin).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await?;
+    let mut url = url::Url::parse(admin)?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
+
+async fn start_marketplace(database: &str, upstream: &str) -> Result<Marketplace> {
+    let (database_url, dir) = if database == "sqlite" {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        (url, Some(dir))
+    } else {
+        (fresh_postgres(database).await?, None)
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = Config {
+        listen: addr.to_string(),
+        public_url: format!("http://{addr}"),
+        database_url,
+        allow_upstream_hosts: vec!["127.0.0.1".into()],
+        ..Config::default()
+    };
+    let app = App::new(config).await.context("the marketplace starts")?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        async move {
+            if let Err(e) = app.serve(listener, shutdown).await {
+                eprintln!("marketplace failed: {e}");
+            }
+        }
+    });
+    let creator = create_account(&app.store, "bench-creator").await?;
+    let user = create_account(&app.store, "bench").await?;
+    let new = NewServer {
+        name: "Echo".into(),
+        slug: Some("echo".into()),
+        endpoints: vec![upstream.to_owned()],
+        pricing: format!("0.{PAID_PRICE_MICROS:06}_per_request"),
+        tool_prices: [("echo_free".to_owned(), "free".to_owned())].into(),
+        ..NewServer::default()
+    };
+    app.catalog.register(&creator.id, &new, &app.policy).await?;
+    app.approve("echo").await?;
+    app.install(&user.id, "echo").await?;
+    app.ledger
+        .topup(&user.id, FUNDS_MICROS, "loadbench")
+        .await?;
+    let key = create_key(
+        &app.store,
+        "bench",
+        &NewKey {
+            scopes: vec![Scope::Invoke],
+            ..NewKey::default()
+        },
+    )
+    .await?
+    .1;
+    Ok(Marketplace {
+        app,
+        mcp_url: format!("http://{addr}/mcp"),
+        key,
+        shutdown,
+        task,
+        _dir: dir,
+    })
+}
+
+// ---------------------------------------------------------------- the client
+
+/// One MCP session over one keep-alive HTTP/1.1 connection.
+struct Session {
+    http: reqwest::Client,
+    url: String,
+    headers: reqwest::header::HeaderMap,
+    next_id: u64,
+}
+
+fn first_message(content_type: &str, body: &[u8]) -> Result<Value> {
+    if content_type.starts_with("text/event-stream") {
+        let text = std::str::from_utf8(body)?;
+        for line in text.lines() {
+            if let Some(data) = line.strip_prefix("data:") {
+                let data = data.trim();
+                if !data.is_empty() {
+                    return Ok(serde_json::from_str(data)?);
+                }
+            }
+        }
+        bail!("an SSE answer without a message")
+    }
+    Ok(serde_json::from_slice(body)?)
+}
+
+impl Session {
+    async fn open(url: &str, key: Option<&str>) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .http1_only()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(1)
+            .build()?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("accept", "application/json, text/event-stream".parse()?);
+        headers.insert("content-type", "application/json".parse()?);
+        if let Some(key) = key {
+            headers.insert("authorization", format!("Bearer {key}").parse()?);
+        }
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "loadbench", "version": "1"}}});
+        let r = http
+            .post(url)
+            .headers(headers.clone())
+            .body(init.to_string())
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "initialize: HTTP {}", r.status());
+        let session = r
+            .headers()
+            .get("mcp-session-id")
+            .cloned()
+            .context("no Mcp-Session-Id")?;
+        let _ = r.bytes().await?;
+        headers.insert("mcp-session-id", session);
+        headers.insert("mcp-protocol-version", "2025-06-18".parse()?);
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        let r = http
+            .post(url)
+            .headers(headers.clone())
+            .body(note.to_string())
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "initialized: HTTP {}", r.status());
+        let _ = r.bytes().await?;
+        Ok(Self {
+            http,
+            url: url.to_owned(),
+            headers,
+            next_id: 1,
+        })
+    }
+
+    /// One `tools/call`; fails unless the answer is a successful tool result.
+    async fn call(&mut self, tool: &str) -> Result<()> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                          "params": {"name": tool, "arguments": {"message": "hello"}}});
+        let r = self
+            .http
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .body(body.to_string())
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "tools/call: HTTP {}", r.status());
+        let content_type = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let bytes = r.bytes().await?;
+        let message = first_message(&content_type, &bytes)?;
+        ensure!(
+            message["id"] == json!(id),
+            "an answer to another id: {message}"
+        );
+        let result = message
+            .get("result")
+            .with_context(|| format!("not a result: {message}"))?;
+        ensure!(
+            result.get("isError") != Some(&Value::Bool(true)),
+            "a failed call: {result}"
+        );
+        ensure!(
+            result.pointer("/content/0/text") == Some(&json!("hello")),
+            "an unexpected result: {result}"
+        );
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- the driver
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Free,
+    Paid,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Direct, Mode::Free, Mode::Paid];
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Direct => "a direct",
+            Mode::Free => "b marketplace, free tool",
+            Mode::Paid => "c marketplace, paid tool",
+        }
+    }
+}
+
+struct Measured {
+    calls: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl Measured {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            calls: 0,
+            elapsed: Duration::ZERO,
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        })
+    }
+
+    fn rps(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Runs `sessions` concurrently for `length`, each calling `tool` back to back.
+async fn drive(
+    sessions: &mut Vec<Session>,
+    tool: &'static str,
+    length: Duration,
+    into: Option<&mut Measured>,
+) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut session in sessions.drain(..) {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut calls = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                session.call(tool).await?;
+                h.record(t.elapsed().as_micros().max(1) as u64)?;
+                calls += 1;
+            }
+            anyhow::Ok((session, h, calls))
+        }));
+    }
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut measured = into;
+    for task in tasks {
+        let (session, h, calls) = task.await??;
+        sessions.push(session);
+        if let Some(m) = measured.as_deref_mut() {
+            m.latency_us.add(&h)?;
+            m.calls += calls;
+        }
+    }
+    if let Some(m) = measured {
+        m.elapsed += started.elapsed();
+    }
+    Ok(())
+}
+
+struct Args {
+    connections: Vec<usize>,
+    seconds: u64,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        connections: vec![1, 32],
+        seconds: 15,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--connections" => {
+                args.connections = it
+                    .next()
+                    .context("--connections needs a list, e.g. 1,32")?
+                    .split(',')
+                    .map(|c| c.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--connections takes numbers, e.g. 1,32")?;
+            }
+            "--seconds" => {
+                args.seconds = it
+                    .next()
+                    .context("--seconds needs a number")?
+                    .parse()
+                    .context("--seconds takes a number")?;
+            }
+            "--help" | "-h" => {
+                println!("usage: loadbench [--connections 1,32] [--seconds 15]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other} (try --help)"),
+        }
+    }
+    ensure!(
+        args.connections.iter().all(|c| (1..=1024).contains(c)),
+        "connections must be between 1 and 1024"
+    );
+    ensure!(args.seconds >= 3, "--seconds must be at least 3");
+    Ok(args)
+}
+
+async fn bench_backend(database: &str, label: &str, args: &Args) -> Result<()> {
+    let cancel = CancellationToken::new();
+    let upstream = spawn_echo(cancel.clone()).await?;
+    let market = start_marketplace(database, &upstream).await?;
+    let per_round = Duration::from_secs(args.seconds) / ROUNDS;
+    let mut paid_calls = 0u64;
+    for &connections in &args.connections {
+        let mut sessions = Vec::new();
+        let mut results = Vec::new();
+        for mode in Mode::ALL {
+            let mut s = Vec::new();
+            for _ in 0..connections {
+                s.push(match mode {
+                    Mode::Direct => Session::open(&upstream, None).await?,
+                    _ => Session::open(&market.mcp_url, Some(&market.key)).await?,
+                });
+            }
+            let tool = tool_of(mode);
+            drive(&mut s, tool, WARMUP, None).await?;
+            sessions.push(s);
+            results.push(Measured::new()?);
+        }
+        for _ in 0..ROUNDS {
+            for (i, mode) in Mode::ALL.into_iter().enumerate() {
+                drive(
+                    &mut sessions[i],
+                    tool_of(mode),
+                    per_round,
+                    Some(&mut results[i]),
+                )
+                .await?;
+            }
+        }
+        // The warm-up calls were paid too.
+        paid_calls += results[2].calls;
+        print_table(label, connections, &results);
+    }
+    let broken = market.app.ledger.verify().await?;
+    ensure!(broken.is_empty(), "ledger verify failed: {broken:?}");
+    let settled: i64 = sqlx::query_scalar(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM calls WHERE status = 'settled' AND price_micros > 0",
+    )
+    .fetch_one(market.app.store.pool())
+    .await?;
+    ensure!(
+        settled as u64 >= paid_calls,
+        "{settled} settled paid calls, fewer than the {paid_calls} measured"
+    );
+    println!(
+        "ledger verify: ok ({settled} paid calls settled, {} micros revenue)\n",
+        market.app.ledger.platform_balance().await?.revenue_micros
+    );
+    market.shutdown.cancel();
+    let _ = market.task.await;
+    cancel.cancel();
+    Ok(())
+}
+
+fn tool_of(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Direct => "echo",
+        Mode::Free => "echo__echo_free",
+        Mode::Paid => "echo__echo",
+    }
+}
+
+fn print_table(label: &str, connections: usize, r: &[Measured]) {
+    println!("{label}, {connections} connection(s):");
+    println!(
+        "  {:<26} {:>10} {:>9} {:>9} {:>9}",
+        "mode", "req/s", "p50 ms", "p90 ms", "p99 ms"
+    );
+    for (mode, m) in Mode::ALL.iter().zip(r) {
+        println!(
+            "  {:<26} {:>10.0} {:>9.3} {:>9.3} {:>9.3}",
+            mode.label(),
+            m.rps(),
+            m.ms(0.5),
+            m.ms(0.9),
+            m.ms(0.99)
+        );
+    }
+    let a = &r[0];
+    for (name, m) in [("b/a", &r[1]), ("c/a", &r[2])] {
+        println!(
+            "  {name}: {:.2}x req/s, {:+.3} ms p50, {:+.3} ms p99",
+            m.rps() / a.rps().max(1e-9),
+            m.ms(0.5) - a.ms(0.5),
+            m.ms(0.99) - a.ms(0.99)
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    mcp_marketplace::install_crypto_provider();
+    println!(
+        "loadbench: {} s per connection count, modes alternating in {ROUNDS} rounds; {} CPU(s)\n",
+        args.seconds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    bench_backend("sqlite", "SQLite", &args).await?;
+    if let Ok(pg) = std::env::var("TEST_DATABASE_URL")
+        && !pg.is_empty()
+    {
+        bench_backend(&pg, "PostgreSQL", &args).await?;
+    }
+    Ok(())
+}
