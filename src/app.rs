@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::KeyContext;
 use crate::auth::accounts::AccountError;
 use crate::auth::{KeyError, Signer, SigningError};
 use crate::billing::{BillingError, Ledger};
@@ -20,6 +21,12 @@ use crate::catalog::{Catalog, CatalogError, Server, ServerStatus};
 use crate::config::Config;
 use crate::gateway::notify::Notifier;
 use crate::security::EndpointPolicy;
+use crate::security::audit::{self, Actor};
+use crate::security::credentials::{self, CredentialError, CredentialInfo};
+use crate::security::policy::{Defaults, Effective, Policies, PolicyError};
+use crate::security::ratelimit::{AccountLimitSource, AccountLimits, ConcurrencyCaps, RateLimiter};
+use crate::security::ssrf::{Lookup, SystemLookup};
+use crate::security::vault::{Vault, VaultError};
 use crate::store::{Store, StoreError, now_ms};
 use crate::upstream::{UpstreamError, Upstreams};
 
@@ -59,6 +66,15 @@ pub enum AppError {
     /// A configuration error.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The master key or a stored ciphertext.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// Upstream credentials.
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    /// A trust policy.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     /// A socket or file error.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -81,8 +97,17 @@ pub struct App {
     pub upstreams: Upstreams,
     /// Open downstream MCP sessions, for `notifications/tools/list_changed`.
     pub notifier: Notifier,
-    /// Endpoint URL policy.
+    /// Endpoint URL policy (and the SSRF-checking DNS lookup).
     pub policy: EndpointPolicy,
+    /// The master key: upstream credentials at rest.
+    pub vault: Vault,
+    /// Per-server, per-account and per-key trust policy overrides.
+    pub policies: Policies,
+    /// Rate limiters (GCRA) of this process.
+    pub rate_limits: RateLimiter,
+    /// Per-server concurrency caps of this process.
+    pub concurrency: ConcurrencyCaps,
+    account_limits: std::sync::RwLock<Option<Arc<dyn AccountLimitSource>>>,
     refresh_tx: mpsc::UnboundedSender<String>,
     refresh_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     watches: DashMap<String, CancellationToken>,
@@ -106,22 +131,38 @@ impl App {
     /// # Errors
     /// As [`App::new`].
     pub async fn with_store(config: Config, store: Store) -> Result<Arc<Self>, AppError> {
+        let vault = Vault::load(&config.master_key)?;
+        vault.check(&store).await?;
         let signer = Signer::load_or_create(&store).await?;
         let ledger = Ledger::new(store.clone());
         let swept = ledger.sweep_expired_holds(now_ms()).await?;
         if swept > 0 {
             tracing::warn!(swept, "refunded holds left by an earlier process");
         }
+        let catalog = Catalog::new(store.clone());
+        let pinned = catalog.backfill_tool_pins().await?;
+        if pinned > 0 {
+            tracing::info!(pinned, "pinned tools cached before tool pinning existed");
+        }
+        let lookup: Arc<dyn Lookup> = match &config.lookup {
+            Some(l) => l.clone(),
+            None => Arc::new(SystemLookup::new()),
+        };
+        let policy = EndpointPolicy::new(config.allow_upstream_hosts.clone(), lookup);
         let (refresh_tx, refresh_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             upstreams: Upstreams::new(
                 config.max_response_bytes,
                 config.session_idle.as_millis() as i64,
+                policy.clone(),
             )?,
-            policy: EndpointPolicy {
-                allowed_hosts: config.allow_upstream_hosts.clone(),
-            },
-            catalog: Catalog::new(store.clone()),
+            policy,
+            vault,
+            policies: Policies::new(store.clone()),
+            rate_limits: RateLimiter::default(),
+            concurrency: ConcurrencyCaps::default(),
+            account_limits: std::sync::RwLock::new(None),
+            catalog,
             notifier: Notifier::default(),
             config,
             ledger,
@@ -135,39 +176,224 @@ impl App {
         }))
     }
 
+    /// Approves `slug` as the marketplace itself (the demo, tests); see
+    /// [`App::approve_as`].
+    ///
+    /// # Errors
+    /// As [`App::approve_as`].
+    pub async fn approve(self: &Arc<Self>, slug: &str) -> Result<Server, AppError> {
+        self.approve_as(&Actor::System, slug).await
+    }
+
     /// Approves `slug`: fetches its tools (the server must answer), caches them, marks
-    /// it active and starts watching it for `list_changed`. On a fetch failure nothing
-    /// changes.
+    /// it active and starts watching it for `list_changed`. The first approval (from
+    /// `pending_review`) also approves every tool it offers; later approvals leave
+    /// held-back tool changes to [`App::approve_tools`]. On a fetch failure nothing
+    /// changes. Audited as `server.approve`.
     ///
     /// # Errors
     /// [`AppError::Catalog`] (unknown server), [`AppError::Upstream`].
-    pub async fn approve(self: &Arc<Self>, slug: &str) -> Result<Server, AppError> {
+    pub async fn approve_as(
+        self: &Arc<Self>,
+        actor: &Actor,
+        slug: &str,
+    ) -> Result<Server, AppError> {
         let server = self.catalog.get(slug).await?;
-        let secret = self.catalog.secret(&server.id).await?;
-        let tools = self.upstreams.fetch_tools(&server, &secret).await?;
+        let fixed = self.upstream_headers(&server).await?;
+        let tools = self.upstreams.fetch_tools(&server, &fixed).await?;
         self.catalog.replace_tools(&server, &tools).await?;
+        let first = server.status == ServerStatus::PendingReview;
+        if first {
+            self.catalog
+                .approve_tools(&server.id, None, &actor.label())
+                .await?;
+        }
         let server = self.catalog.set_status(slug, ServerStatus::Active).await?;
+        let _ = audit::record(
+            &self.store,
+            actor,
+            "server.approve",
+            slug,
+            serde_json::json!({"tools": tools.len(), "first_approval": first}),
+        )
+        .await;
         self.start_watch(&server);
         self.notify_server(&server.id).await;
         Ok(server)
     }
 
-    /// Suspends `slug`: hidden from every `tools/list`, not callable, its upstream
-    /// sessions and watch closed.
+    /// Approves held-back tool changes of `slug` (`servers approve SLUG --tools`): pins
+    /// the cached definitions of `tools` (every held-back tool when `None`) and tells
+    /// the sessions that see the server. Returns the names approved. Audited as
+    /// `server.approve_tools`.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`].
+    pub async fn approve_tools(
+        &self,
+        actor: &Actor,
+        slug: &str,
+        tools: Option<&[String]>,
+    ) -> Result<Vec<String>, AppError> {
+        let server = self.catalog.get(slug).await?;
+        let pending: Vec<String> = self
+            .catalog
+            .pending_tool_changes(&server.id)
+            .await?
+            .into_iter()
+            .map(|c| c.tool)
+            .filter(|t| tools.is_none_or(|names| names.contains(t)))
+            .collect();
+        let approved = self
+            .catalog
+            .approve_tools(&server.id, Some(&pending), &actor.label())
+            .await?;
+        if !approved.is_empty() {
+            let _ = audit::record(
+                &self.store,
+                actor,
+                "server.approve_tools",
+                slug,
+                serde_json::json!({"tools": approved}),
+            )
+            .await;
+            self.notify_server(&server.id).await;
+        }
+        Ok(approved)
+    }
+
+    /// Suspends `slug` as the marketplace itself; see [`App::suspend_as`].
     ///
     /// # Errors
     /// [`AppError::Catalog`].
     pub async fn suspend(&self, slug: &str) -> Result<Server, AppError> {
+        self.suspend_as(&Actor::System, slug).await
+    }
+
+    /// Suspends `slug`: hidden from every `tools/list`, not callable, its upstream
+    /// sessions and watch closed. Audited as `server.suspend`.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`].
+    pub async fn suspend_as(&self, actor: &Actor, slug: &str) -> Result<Server, AppError> {
         let server = self
             .catalog
             .set_status(slug, ServerStatus::Suspended)
             .await?;
+        let _ = audit::record(
+            &self.store,
+            actor,
+            "server.suspend",
+            slug,
+            serde_json::json!({}),
+        )
+        .await;
         if let Some((_, token)) = self.watches.remove(&server.id) {
             token.cancel();
         }
         self.upstreams.close_server(&server.id).await;
         self.notify_server(&server.id).await;
         Ok(server)
+    }
+
+    /// The headers every upstream request to `server` carries: its
+    /// `X-MCP-Marketplace-Secret` and the creator's decrypted credentials (sensitive).
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`], [`AppError::Credential`].
+    pub async fn upstream_headers(&self, server: &Server) -> Result<http::HeaderMap, AppError> {
+        let secret = self.catalog.secret(&server.id).await?;
+        Ok(credentials::upstream_headers(&self.store, &self.vault, &server.id, &secret).await?)
+    }
+
+    /// Replaces the upstream credentials of `slug` (validated, encrypted) and closes its
+    /// upstream sessions so the next call uses them. Audited as
+    /// `server.credentials_set` with the header names only.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`], [`AppError::Credential`].
+    pub async fn set_credentials(
+        &self,
+        actor: &Actor,
+        slug: &str,
+        headers: &[(String, String)],
+    ) -> Result<Vec<CredentialInfo>, AppError> {
+        let server = self.catalog.get(slug).await?;
+        let stored =
+            credentials::set_credentials(&self.store, &self.vault, &server.id, headers).await?;
+        let names: Vec<&str> = stored.iter().map(|c| c.header.as_str()).collect();
+        let _ = audit::record(
+            &self.store,
+            actor,
+            "server.credentials_set",
+            slug,
+            serde_json::json!({"headers": names}),
+        )
+        .await;
+        self.upstreams.close_server(&server.id).await;
+        Ok(stored)
+    }
+
+    /// Makes a new `X-MCP-Marketplace-Secret` for `slug`, closes its upstream sessions
+    /// (they carry the old one) and returns it, shown this once. Audited as
+    /// `server.secret_rotate`.
+    ///
+    /// # Errors
+    /// [`AppError::Catalog`].
+    pub async fn rotate_secret(&self, actor: &Actor, slug: &str) -> Result<String, AppError> {
+        let (server, secret) = self.catalog.rotate_secret(slug).await?;
+        let _ = audit::record(
+            &self.store,
+            actor,
+            "server.secret_rotate",
+            slug,
+            serde_json::json!({}),
+        )
+        .await;
+        self.upstreams.close_server(&server.id).await;
+        Ok(secret)
+    }
+
+    /// Plugs in a source of per-account rate limits (e.g. billing plans); see
+    /// `security::ratelimit::AccountLimitSource`. Replaces any earlier one.
+    pub fn set_account_limit_source(&self, source: Arc<dyn AccountLimitSource>) {
+        if let Ok(mut s) = self.account_limits.write() {
+            *s = Some(source);
+        }
+    }
+
+    /// The trust policy of one call by `key` (to `server_id` for an upstream tool):
+    /// the configured defaults, the database's overrides and the account limit source,
+    /// per `security::policy`.
+    ///
+    /// # Errors
+    /// [`AppError::Policy`].
+    pub async fn effective_policy(
+        &self,
+        server_id: Option<&str>,
+        key: &KeyContext,
+    ) -> Result<Effective, AppError> {
+        let subjects = self
+            .policies
+            .for_call(server_id, &key.account_id, &key.key_id)
+            .await?;
+        let source = self.account_limits.read().ok().and_then(|s| s.clone());
+        let plan = match source {
+            Some(s) => s.account_limits(&key.account_id).await,
+            None => AccountLimits::default(),
+        };
+        let defaults = Defaults {
+            limits: self.config.rate_limits,
+            max_concurrency: self.config.max_concurrency_per_server,
+            scan: self.config.scan_mode,
+        };
+        Ok(Effective::resolve(
+            &defaults,
+            &subjects.server,
+            &subjects.account,
+            &subjects.key,
+            &plan,
+        ))
     }
 
     /// Installs `slug` for `account_id` and tells the account's open sessions.
@@ -204,8 +430,8 @@ impl App {
         if !server.status.is_callable() {
             return Ok(false);
         }
-        let secret = self.catalog.secret(&server.id).await?;
-        let tools = self.upstreams.fetch_tools(&server, &secret).await?;
+        let fixed = self.upstream_headers(&server).await?;
+        let tools = self.upstreams.fetch_tools(&server, &fixed).await?;
         let changed = self.catalog.replace_tools(&server, &tools).await?;
         if changed {
             tracing::info!(server = %server.slug, "upstream tool list changed");
@@ -261,10 +487,10 @@ impl App {
             if !server.status.is_callable() {
                 return;
             }
-            let Ok(secret) = self.catalog.secret(&server.id).await else {
+            let Ok(fixed) = self.upstream_headers(&server).await else {
                 return;
             };
-            let Some(session) = self.upstreams.detached_session(&server, &secret) else {
+            let Some(session) = self.upstreams.detached_session(&server, &fixed) else {
                 return;
             };
             let tx = self.refresh_tx.clone();
@@ -367,6 +593,7 @@ impl App {
                     () = t.cancelled() => return,
                 }
                 app.upstreams.reap_idle().await;
+                app.rate_limits.evict_idle();
             }
         });
         // The tool-list refresher: list_changed requests, plus a TTL scan that also

@@ -18,7 +18,11 @@ use crate::auth::keys::{
 use crate::billing::pricing::{MAX_GRANT_MICROS, format_pricing, format_usd, parse_usd};
 use crate::billing::{Ledger, Receipt};
 use crate::config::{Config, Overrides};
+use crate::security::audit::{self, Actor};
 use crate::store::Store;
+
+mod trust;
+pub use trust::{AuditArgs, CredentialsCommand, PolicyCommand, PolicySubject};
 
 /// One MCP URL for every paid MCP server.
 #[derive(Debug, Parser)]
@@ -65,6 +69,14 @@ pub enum Command {
     /// Check receipts.
     #[command(subcommand)]
     Receipt(ReceiptCommand),
+    /// Set a server's upstream credentials on a running marketplace (creators).
+    #[command(subcommand)]
+    Credentials(CredentialsCommand),
+    /// Trust policies: rate limits, concurrency cap, scanning, redaction overrides.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Read the audit log.
+    Audit(AuditArgs),
 }
 
 /// Flags of `serve` and `demo`.
@@ -105,9 +117,10 @@ pub enum KeysCommand {
         /// Comma-separated globs over namespaced tool names, e.g. 'calendar__*'.
         #[arg(long)]
         allow_tools: Option<String>,
-        /// AMOUNT/day or AMOUNT/month, e.g. 5.00/day.
+        /// AMOUNT/day or AMOUNT/month, e.g. 5.00/day; repeat (or separate with commas)
+        /// for a daily and a monthly limit.
         #[arg(long)]
-        spend_limit: Option<String>,
+        spend_limit: Vec<String>,
         /// Lifetime, e.g. 30d.
         #[arg(long)]
         expires: Option<String>,
@@ -144,8 +157,22 @@ pub enum CreditsCommand {
 pub enum ServersCommand {
     /// List every server.
     List,
-    /// Approve a server: fetch its tools and make it active.
+    /// Approve a server: fetch its tools and make it active. With --tools, approve
+    /// held-back tool changes instead (all, or the named ones).
     Approve {
+        /// Its slug.
+        slug: String,
+        /// Approve held-back tool changes: all of them, or a comma-separated list.
+        #[arg(long, num_args = 0..=1, default_missing_value = "")]
+        tools: Option<String>,
+    },
+    /// List a server's held-back tool changes with the definitions to review.
+    Changes {
+        /// Its slug.
+        slug: String,
+    },
+    /// Make a new X-MCP-Marketplace-Secret for a server (shown once).
+    RotateSecret {
         /// Its slug.
         slug: String,
     },
@@ -199,6 +226,11 @@ pub struct RegisterArgs {
     /// Per-call upstream timeout (default 30s, at most 300s).
     #[arg(long)]
     pub timeout: Option<String>,
+    /// An upstream credential header the marketplace sends to the server, as
+    /// 'Name: value' (e.g. 'Authorization: Bearer …'); repeatable. Stored encrypted,
+    /// never shown again.
+    #[arg(long = "credential")]
+    pub credentials: Vec<String>,
     /// The marketplace's base URL.
     #[arg(
         long,
@@ -328,6 +360,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let mut config = config(&cli, Some(args))?;
             if cli.database_url.is_none() {
                 config.database_url = crate::demo::demo_database_url();
+                // The throwaway database gets a throwaway key file beside it.
+                if let crate::security::vault::MasterKeySource::File(_) = config.master_key {
+                    config.master_key = crate::security::vault::MasterKeySource::File(
+                        crate::security::vault::MasterKeySource::default_file(&config.database_url),
+                    );
+                }
             }
             crate::demo::run(config, j).await?;
             Ok(ExitCode::SUCCESS)
@@ -371,6 +409,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Servers(cmd) => servers(&cli, cmd, j).await,
         Command::Register(args) => register(args, j).await,
+        Command::Credentials(cmd) => trust::credentials(cmd, j).await,
+        Command::Policy(cmd) => {
+            let app = app(&cli).await?;
+            trust::policy(&app, cmd, j).await
+        }
+        Command::Audit(args) => {
+            let store = store(&cli).await?;
+            trust::audit(&store, args, j).await
+        }
         Command::Ledger(cmd) => ledger(&cli, cmd, j).await,
         Command::Receipt(ReceiptCommand::Verify { file, jwks }) => {
             let text = std::fs::read_to_string(file)
@@ -455,10 +502,12 @@ async fn keys(cli: &Cli, cmd: &KeysCommand, j: bool) -> Result<ExitCode, CliErro
                     .transpose()
                     .map_err(usage)?
                     .unwrap_or_default(),
-                spend_limit: spend_limit
-                    .as_deref()
+                spend_limits: spend_limit
+                    .iter()
+                    .flat_map(|s| s.split(','))
+                    .filter(|s| !s.trim().is_empty())
                     .map(parse_spend_limit)
-                    .transpose()
+                    .collect::<Result<_, _>>()
                     .map_err(usage)?,
                 expires_in: expires
                     .as_deref()
@@ -473,6 +522,16 @@ async fn keys(cli: &Cli, cmd: &KeysCommand, j: bool) -> Result<ExitCode, CliErro
             let (record, key) = create_key(&store, account, &new)
                 .await
                 .map_err(AppError::from)?;
+            let _ = audit::record(
+                &store,
+                &Actor::cli(),
+                "key.create",
+                &record.key_id,
+                json!({"account": record.account, "prefix": record.prefix, "scopes": record.scopes,
+                       "daily_limit_micros": record.daily_limit_micros,
+                       "monthly_limit_micros": record.monthly_limit_micros, "expires_at": record.expires_at}),
+            )
+            .await;
             let scopes: Vec<_> = record.scopes.iter().map(|s| s.as_str()).collect();
             print(
                 j,
@@ -511,6 +570,7 @@ async fn keys(cli: &Cli, cmd: &KeysCommand, j: bool) -> Result<ExitCode, CliErro
         KeysCommand::Revoke { key } => {
             let store = store(cli).await?;
             let id = revoke_key(&store, key).await.map_err(AppError::from)?;
+            let _ = audit::record(&store, &Actor::cli(), "key.revoke", &id, json!({})).await;
             print(j, json!({"key_id": id, "revoked": true}), || {
                 format!("revoked key {id}")
             });
@@ -547,9 +607,48 @@ async fn servers(cli: &Cli, cmd: &ServersCommand, j: bool) -> Result<ExitCode, C
                     .join("\n")
             });
         }
-        ServersCommand::Approve { slug } => {
+        ServersCommand::Approve {
+            slug,
+            tools: Some(names),
+        } => {
             let app = app(cli).await?;
-            let s = app.approve(slug).await?;
+            let names: Vec<String> = names
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let approved = app
+                .approve_tools(
+                    &Actor::cli(),
+                    slug,
+                    (!names.is_empty()).then_some(&names[..]),
+                )
+                .await?;
+            print(j, json!({"slug": slug, "approved_tools": approved}), || {
+                if approved.is_empty() {
+                    format!("{slug}: no held-back tool changes to approve")
+                } else {
+                    format!("{slug}: approved {}", approved.join(", "))
+                }
+            });
+        }
+        ServersCommand::Changes { slug } => {
+            let app = app(cli).await?;
+            trust::changes(&app, slug, j).await?;
+        }
+        ServersCommand::RotateSecret { slug } => {
+            let app = app(cli).await?;
+            let secret = app.rotate_secret(&Actor::cli(), slug).await?;
+            print(j, json!({"slug": slug, "secret": secret}), || {
+                format!(
+                    "new X-MCP-Marketplace-Secret for {slug}: {secret}\n(shown once; open upstream sessions were closed)"
+                )
+            });
+        }
+        ServersCommand::Approve { slug, tools: None } => {
+            let app = app(cli).await?;
+            let s = app.approve_as(&Actor::cli(), slug).await?;
             let tools = app
                 .catalog
                 .tools_of_server(&s.id)
@@ -563,7 +662,7 @@ async fn servers(cli: &Cli, cmd: &ServersCommand, j: bool) -> Result<ExitCode, C
         }
         ServersCommand::Suspend { slug } => {
             let app = app(cli).await?;
-            let s = app.suspend(slug).await?;
+            let s = app.suspend_as(&Actor::cli(), slug).await?;
             print(j, json!({"slug": s.slug, "status": s.status}), || {
                 format!("suspended {}", s.slug)
             });
@@ -667,6 +766,7 @@ async fn register(args: &RegisterArgs, j: bool) -> Result<ExitCode, CliError> {
         })?;
         tool_prices.insert(tool.to_owned(), json!(price));
     }
+    let credentials = trust::header_lines(&args.credentials)?;
     let body = json!({
         "name": args.name,
         "slug": args.slug,
@@ -676,37 +776,17 @@ async fn register(args: &RegisterArgs, j: bool) -> Result<ExitCode, CliError> {
         "pricing": args.pricing,
         "tool_prices": tool_prices,
         "timeout": args.timeout,
+        "credentials": credentials,
     });
-    crate::install_crypto_provider();
-    let url = format!("{}/api/v1/servers", args.marketplace.trim_end_matches('/'));
-    let response = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(&args.api_key)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| {
-            CliError::Remote(format!(
-                "cannot reach the marketplace at {}: {e}",
-                args.marketplace
-            ))
-        })?;
-    let status = response.status();
-    let value: serde_json::Value = response.json().await.map_err(|e| {
-        CliError::Remote(format!(
-            "the marketplace answered HTTP {status} without JSON: {e}"
-        ))
-    })?;
-    if !status.is_success() {
-        let message = value
-            .pointer("/error/message")
-            .and_then(|m| m.as_str())
-            .unwrap_or("request refused");
-        return Err(CliError::Remote(format!(
-            "registration refused (HTTP {}): {message}",
-            status.as_u16()
-        )));
-    }
+    let value = trust::rest(
+        http::Method::POST,
+        &args.marketplace,
+        "/api/v1/servers",
+        &args.api_key,
+        Some(body),
+        "registration",
+    )
+    .await?;
     print(j, value.clone(), || {
         format!(
             "registered '{}' ({}); it waits for review.\nX-MCP-Marketplace-Secret: {}\n(shown once: configure your server to require it)",

@@ -3,10 +3,15 @@
 //! file over the defaults here. Every file key is also a variable: `key` is
 //! `MCP_MARKETPLACE_KEY`, `[section] key` is `MCP_MARKETPLACE_SECTION__KEY`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::billing::pricing::DEFAULT_PLATFORM_FEE_BPS;
+use crate::security::ratelimit::{Limits, Rate};
+use crate::security::scan::ScanMode;
+use crate::security::ssrf::Lookup;
+use crate::security::vault::{MASTER_KEY_VAR, MasterKeySource};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -18,6 +23,10 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_TOOLS_TTL: Duration = Duration::from_secs(10 * 60);
 /// Default interval of the hold sweep.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default cap on concurrent calls to one server (a rule of thumb: well above what one
+/// MCP server of a small creator serves at once, low enough that one server cannot tie
+/// up the marketplace's connections).
+pub const DEFAULT_MAX_CONCURRENCY_PER_SERVER: u32 = 32;
 
 /// A configuration problem.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +70,35 @@ pub struct FileConfig {
     pub sweep_interval: Option<String>,
     /// Idle time after which an (account, server) upstream session closes, e.g. `5m`.
     pub session_idle: Option<String>,
+    /// `[rate_limits]`: `per_account_per_server`, `per_account`, `per_key`.
+    #[serde(default)]
+    pub rate_limits: RateLimitsFile,
+    /// `[scanning]`: `mode`.
+    #[serde(default)]
+    pub scanning: ScanningFile,
+    /// Most concurrent calls to one server (per-server overrides in the database).
+    pub max_concurrency_per_server: Option<u32>,
+    /// The master key file (created 0600 on first start). `MCP_MARKETPLACE_MASTER_KEY`
+    /// wins over it.
+    pub master_key_file: Option<String>,
+}
+
+/// The `[rate_limits]` section: `"N/sec"`, `"N/min"`, `"N/hour"` or `"off"` each.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct RateLimitsFile {
+    /// Per account per server (default `20/min`).
+    pub per_account_per_server: Option<String>,
+    /// Per account overall (default `600/min`).
+    pub per_account: Option<String>,
+    /// Per key (default `600/min`).
+    pub per_key: Option<String>,
+}
+
+/// The `[scanning]` section.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct ScanningFile {
+    /// `off`, `flag` (default) or `block`.
+    pub mode: Option<String>,
 }
 
 /// Accepts `["a", "b"]` or `"a,b"`.
@@ -158,6 +196,17 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Idle time after which an (account, server) upstream session is closed.
     pub session_idle: Duration,
+    /// Default rate limits.
+    pub rate_limits: Limits,
+    /// Default response scan mode.
+    pub scan_mode: ScanMode,
+    /// Default cap on concurrent calls to one server.
+    pub max_concurrency_per_server: u32,
+    /// Where the master key comes from.
+    pub master_key: MasterKeySource,
+    /// The DNS lookup upstream names resolve through; `None` is the system's
+    /// (hickory-resolver). Tests and embedders inject their own.
+    pub lookup: Option<Arc<dyn Lookup>>,
 }
 
 impl Default for Config {
@@ -173,7 +222,23 @@ impl Default for Config {
             tools_ttl: DEFAULT_TOOLS_TTL,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             session_idle: Duration::from_millis(crate::upstream::DEFAULT_SESSION_IDLE_MS as u64),
+            rate_limits: Limits::default(),
+            scan_mode: ScanMode::default(),
+            max_concurrency_per_server: DEFAULT_MAX_CONCURRENCY_PER_SERVER,
+            master_key: MasterKeySource::File(MasterKeySource::default_file(DEFAULT_DATABASE_URL)),
+            lookup: None,
         }
+    }
+}
+
+fn rate_or(key: &'static str, value: Option<&str>, default: Rate) -> Result<Rate, ConfigError> {
+    match value {
+        Some(v) => v
+            .parse()
+            .map_err(|e: crate::security::ratelimit::RateError| {
+                ConfigError::Invalid(key, e.to_string())
+            }),
+        None => Ok(default),
     }
 }
 
@@ -214,12 +279,56 @@ impl Config {
                 "at most 10000".into(),
             ));
         }
+        let database_url = cli
+            .database_url
+            .or(file.database_url)
+            .unwrap_or(d.database_url);
+        let master_key = match std::env::var(MASTER_KEY_VAR) {
+            Ok(material) if !material.trim().is_empty() => MasterKeySource::Material(material),
+            _ => MasterKeySource::File(
+                file.master_key_file
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| MasterKeySource::default_file(&database_url)),
+            ),
+        };
+        let r = &file.rate_limits;
+        let rate_limits = Limits {
+            per_account_per_server: rate_or(
+                "rate_limits.per_account_per_server",
+                r.per_account_per_server.as_deref(),
+                d.rate_limits.per_account_per_server,
+            )?,
+            per_account: rate_or(
+                "rate_limits.per_account",
+                r.per_account.as_deref(),
+                d.rate_limits.per_account,
+            )?,
+            per_key: rate_or(
+                "rate_limits.per_key",
+                r.per_key.as_deref(),
+                d.rate_limits.per_key,
+            )?,
+        };
+        let scan_mode = match file.scanning.mode.as_deref() {
+            Some(m) => m
+                .parse()
+                .map_err(|e: crate::security::scan::ScanModeError| {
+                    ConfigError::Invalid("scanning.mode", e.to_string())
+                })?,
+            None => d.scan_mode,
+        };
+        let max_concurrency_per_server = file
+            .max_concurrency_per_server
+            .unwrap_or(d.max_concurrency_per_server);
+        if !(1..=10_000).contains(&max_concurrency_per_server) {
+            return Err(ConfigError::Invalid(
+                "max_concurrency_per_server",
+                "between 1 and 10000".into(),
+            ));
+        }
         Ok(Self {
             listen,
-            database_url: cli
-                .database_url
-                .or(file.database_url)
-                .unwrap_or(d.database_url),
+            database_url,
             public_url,
             allow_upstream_hosts: allow,
             platform_fee_bps,
@@ -236,6 +345,11 @@ impl Config {
                 file.session_idle.as_deref(),
                 d.session_idle,
             )?,
+            rate_limits,
+            scan_mode,
+            max_concurrency_per_server,
+            master_key,
+            lookup: None,
         })
     }
 }

@@ -225,7 +225,7 @@ pub async fn run(config: Config, json_mode: bool) -> Result<(), AppError> {
     if let Some(path) = db.strip_prefix("sqlite://")
         && path.contains("mcp-marketplace-demo-")
     {
-        for suffix in ["", "-wal", "-shm"] {
+        for suffix in ["", "-wal", "-shm", ".master-key"] {
             let _ = std::fs::remove_file(format!("{path}{suffix}"));
         }
     }

@@ -15,6 +15,10 @@ fn bin(db: &str, argv: &[&str]) -> Output {
         .args(argv)
         .env("MCP_MARKETPLACE_DATABASE_URL", db)
         .env("MCP_MARKETPLACE_LOG", "warn")
+        // The admin's commands read the same configuration as the server: the test
+        // upstreams run on 127.0.0.1.
+        .env("MCP_MARKETPLACE_ALLOW_UPSTREAM_HOSTS", "127.0.0.1")
+        .env("MCP_MARKETPLACE_MASTER_KEY", common::TEST_MASTER_KEY)
         .output()
         .expect("the binary runs")
 }

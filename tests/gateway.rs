@@ -378,7 +378,7 @@ async fn a_hold_left_by_a_crash_is_refunded_at_start() {
             price_micros: UNITS_PRICE,
             fee_bps: 3000,
             hold_expires_at: mcp_marketplace::store::now_ms() - 1,
-            spend_limit: None,
+            spend_limits: Vec::new(),
         };
         w.market.app.ledger.reserve(&reservation).await.unwrap();
         assert_eq!(w.market.balance(&w.user).await.holds_micros, UNITS_PRICE);

@@ -1,23 +1,103 @@
 //! The REST front door (`/api/v1/…`): what the CLI and a web page need. JSON in and
 //! out; errors as `{"error": {"kind": "...", "message": "..."}}`. Holds no business
-//! rules: each handler authenticates, checks the scope and calls a domain.
+//! rules: each handler calls a domain.
+//!
+//! Authorization has one place: [`ROUTES`] names the scope of every route, and the
+//! [`authorize`] middleware authenticates the key and checks that scope before any
+//! handler runs (a route missing from the table is refused). Handlers then only check
+//! ownership of the server they touch ([`owned_server`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 
-use crate::app::App;
+use crate::app::{App, AppError};
 use crate::auth::keys::KeyError;
 use crate::auth::{KeyContext, Scope};
 use crate::billing::pricing::{format_pricing, format_usd};
 use crate::catalog::{CatalogError, NewServer, Server};
+use crate::security::audit::{self, Actor, AuditQuery};
+use crate::security::credentials::{self, CredentialError};
+
+/// Who may call a REST route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Any valid key.
+    AnyKey,
+    /// A key with this scope (or `admin`).
+    Scope(Scope),
+}
+
+/// One REST route and who may call it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The HTTP method.
+    pub method: Method,
+    /// The route pattern, as axum matches it.
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+}
+
+const fn route(method: Method, path: &'static str, access: Access) -> Route {
+    Route {
+        method,
+        path,
+        access,
+    }
+}
+
+/// Every REST route with the scope it needs: the one place the REST API's scopes are
+/// decided (issue 3 item 3). Routes that act on one server also require that the key's
+/// account owns it (or `admin`).
+pub const ROUTES: &[Route] = &[
+    route(Method::GET, "/api/v1/account", Access::AnyKey),
+    route(
+        Method::GET,
+        "/api/v1/servers",
+        Access::Scope(Scope::CatalogRead),
+    ),
+    route(
+        Method::POST,
+        "/api/v1/servers",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::GET,
+        "/api/v1/servers/{slug}",
+        Access::Scope(Scope::CatalogRead),
+    ),
+    route(
+        Method::GET,
+        "/api/v1/servers/{slug}/credentials",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::PUT,
+        "/api/v1/servers/{slug}/credentials",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::DELETE,
+        "/api/v1/servers/{slug}/credentials",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::POST,
+        "/api/v1/servers/{slug}/secret",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(Method::GET, "/api/v1/audit", Access::Scope(Scope::Admin)),
+];
 
 /// An API error: HTTP status, kind and a message without internals.
 #[derive(Debug)]
@@ -71,28 +151,80 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-async fn auth(
-    app: &App,
-    headers: &HeaderMap,
-    scope: Option<Scope>,
-) -> Result<KeyContext, ApiError> {
-    let key = match crate::gateway::authenticate_request(app, headers).await {
-        Ok(k) => k,
-        Err(KeyError::Unauthorized) => {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", ""));
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Catalog(c) => c.into(),
+            AppError::Credential(c) => c.into(),
+            other => internal(other),
         }
-        Err(e) => return Err(internal(e)),
-    };
-    if let Some(s) = scope
-        && !key.has_scope(s)
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("this key lacks the scope '{s}'"),
-        ));
     }
-    Ok(key)
+}
+
+impl From<CredentialError> for ApiError {
+    fn from(e: CredentialError) -> Self {
+        match e {
+            CredentialError::Store(_) | CredentialError::Vault(_) => internal(e),
+            other => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+/// Middleware on every REST route: authenticates the key, finds the route in
+/// [`ROUTES`] and checks its access rule; the handler gets the [`KeyContext`]. 401
+/// without a valid key, 403 without the scope (or for a route missing from the table).
+pub async fn authorize(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+    let key = match crate::gateway::authenticate_request(&app, req.headers()).await {
+        Ok(k) => k,
+        Err(KeyError::Unauthorized) => return crate::gateway::unauthorized(),
+        Err(e) => return internal(e).into_response(),
+    };
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let rule = ROUTES
+        .iter()
+        .find(|r| r.path == path && r.method == req.method());
+    let allowed = match rule.map(|r| r.access) {
+        Some(Access::AnyKey) => true,
+        Some(Access::Scope(s)) => key.has_scope(s),
+        None if req.method() == Method::HEAD || req.method() == Method::OPTIONS => false,
+        // Unknown method on a known path: let the router answer 405.
+        None if ROUTES.iter().any(|r| r.path == path) => true,
+        None => false,
+    };
+    if !allowed {
+        let message = match rule.map(|r| r.access) {
+            Some(Access::Scope(s)) => format!("this key lacks the scope '{s}'"),
+            _ => "this route is not open to API keys".to_owned(),
+        };
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response();
+    }
+    req.extensions_mut().insert(key);
+    next.run(req).await
+}
+
+/// The server `slug` if the key's account owns it (or the key is `admin`); otherwise
+/// `not_found`, so a key learns nothing about other creators' servers.
+async fn owned_server(app: &App, key: &KeyContext, slug: &str) -> Result<Server, ApiError> {
+    let server = app.catalog.get(slug).await?;
+    if server.owner_account_id != key.account_id && !key.has_scope(Scope::Admin) {
+        return Err(CatalogError::UnknownServer(slug.to_owned()).into());
+    }
+    Ok(server)
+}
+
+fn actor(key: &KeyContext) -> Actor {
+    Actor::Key {
+        key_id: key.key_id.clone(),
+        account: key.account_name.clone(),
+    }
 }
 
 /// The `/api/v1` routes.
@@ -101,14 +233,25 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
         .route("/api/v1/account", get(account))
         .route("/api/v1/servers", get(list_servers).post(register_server))
         .route("/api/v1/servers/{slug}", get(get_server))
+        .route(
+            "/api/v1/servers/{slug}/credentials",
+            get(list_credentials)
+                .put(set_credentials)
+                .delete(clear_credentials),
+        )
+        .route("/api/v1/servers/{slug}/secret", post(rotate_secret))
+        .route("/api/v1/audit", get(read_audit))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             app.config.max_request_bytes,
         ))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
 }
 
-async fn account(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let key = auth(&app, &headers, None).await?;
+async fn account(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+) -> Result<Response, ApiError> {
     let b = app
         .ledger
         .account_balance(&key.account_id)
@@ -138,11 +281,7 @@ fn public_server(s: &Server) -> serde_json::Value {
     })
 }
 
-async fn list_servers(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    auth(&app, &headers, Some(Scope::CatalogRead)).await?;
+async fn list_servers(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let servers = app.catalog.search("", usize::MAX).await?;
     Ok(
         axum::Json(json!({"servers": servers.iter().map(public_server).collect::<Vec<_>>()}))
@@ -152,10 +291,9 @@ async fn list_servers(
 
 async fn get_server(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Extension(key): Extension<KeyContext>,
     Path(slug): Path<String>,
 ) -> Result<Response, ApiError> {
-    let key = auth(&app, &headers, Some(Scope::CatalogRead)).await?;
     let s = app.catalog.get(&slug).await?;
     // Unapproved servers are visible to their owner only.
     if !s.status.is_callable()
@@ -188,32 +326,51 @@ struct RegisterBody {
     /// A duration such as `30s`.
     #[serde(default)]
     timeout: Option<String>,
+    /// Upstream credential headers, name → value (stored encrypted).
+    #[serde(default)]
+    credentials: BTreeMap<String, String>,
 }
 
-async fn register_server(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let key = auth(&app, &headers, Some(Scope::ServersWrite)).await?;
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let is_json = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    if !is_json {
-        return Err(ApiError::new(
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            "send the server as JSON (Content-Type: application/json)",
-        ));
+            "send JSON (Content-Type: application/json)",
+        ))
     }
-    let body: RegisterBody = serde_json::from_slice(&body).map_err(|e| {
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ApiError> {
+    require_json(headers)?;
+    serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             format!("invalid body: {e}"),
         )
-    })?;
+    })
+}
+
+async fn register_server(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: RegisterBody = parse_body(&headers, &body)?;
+    // Credentials are checked before anything is written.
+    let creds: Vec<(String, String)> = body.credentials.into_iter().collect();
+    credentials::validate(&creds)?;
     let timeout_ms = match &body.timeout {
         Some(t) => Some(
             humantime::parse_duration(t)
@@ -247,10 +404,96 @@ async fn register_server(
         .catalog
         .register(&key.account_id, &new, &app.policy)
         .await?;
+    if !creds.is_empty() {
+        app.set_credentials(&actor(&key), &server.slug, &creds)
+            .await?;
+    }
     tracing::info!(slug = %server.slug, "server registered, pending review");
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"slug": server.slug, "status": server.status, "secret": secret})),
     )
         .into_response())
+}
+
+/// The body of `PUT /api/v1/servers/{slug}/credentials`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsBody {
+    /// Header name → value; replaces every credential of the server.
+    headers: BTreeMap<String, String>,
+}
+
+async fn list_credentials(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    Path(slug): Path<String>,
+) -> Result<Response, ApiError> {
+    let server = owned_server(&app, &key, &slug).await?;
+    let list = credentials::list_credentials(&app.store, &server.id).await?;
+    Ok(axum::Json(json!({"slug": slug, "headers": list})).into_response())
+}
+
+async fn set_credentials(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    Path(slug): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let server = owned_server(&app, &key, &slug).await?;
+    let body: CredentialsBody = parse_body(&headers, &body)?;
+    let creds: Vec<(String, String)> = body.headers.into_iter().collect();
+    let list = app
+        .set_credentials(&actor(&key), &server.slug, &creds)
+        .await?;
+    Ok(axum::Json(json!({"slug": slug, "headers": list})).into_response())
+}
+
+async fn clear_credentials(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    Path(slug): Path<String>,
+) -> Result<Response, ApiError> {
+    let server = owned_server(&app, &key, &slug).await?;
+    app.set_credentials(&actor(&key), &server.slug, &[]).await?;
+    Ok(axum::Json(json!({"slug": slug, "headers": []})).into_response())
+}
+
+async fn rotate_secret(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    Path(slug): Path<String>,
+) -> Result<Response, ApiError> {
+    let server = owned_server(&app, &key, &slug).await?;
+    let secret = app.rotate_secret(&actor(&key), &server.slug).await?;
+    Ok(axum::Json(json!({"slug": slug, "secret": secret})).into_response())
+}
+
+/// The query of `GET /api/v1/audit`.
+#[derive(Debug, serde::Deserialize)]
+struct AuditParams {
+    /// Epoch ms.
+    since_ms: Option<i64>,
+    action: Option<String>,
+    subject: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn read_audit(
+    State(app): State<Arc<App>>,
+    Query(p): Query<AuditParams>,
+) -> Result<Response, ApiError> {
+    let entries = audit::read(
+        &app.store,
+        &AuditQuery {
+            since_ms: p.since_ms,
+            action: p.action,
+            subject: p.subject,
+            limit: p.limit.unwrap_or(100),
+        },
+    )
+    .await
+    .map_err(internal)?;
+    Ok(axum::Json(json!({"entries": entries})).into_response())
 }

@@ -123,8 +123,8 @@ pub struct KeyContext {
     pub scopes: Vec<Scope>,
     /// Glob patterns over namespaced tool names; empty = every tool.
     pub allow_tools: Vec<String>,
-    /// Spend limit `(micros, "day"|"month")`.
-    pub spend_limit: Option<(i64, String)>,
+    /// Spend limits `(micros, "day"|"month")`: at most one per period.
+    pub spend_limits: Vec<(i64, String)>,
     /// Expiry, epoch ms.
     pub expires_at: Option<i64>,
 }
@@ -160,10 +160,10 @@ pub struct KeyRecord {
     pub scopes: Vec<Scope>,
     /// Tool globs (empty = all).
     pub allow_tools: Vec<String>,
-    /// Spend limit in micros, if any.
-    pub spend_limit_micros: Option<i64>,
-    /// `day` or `month`.
-    pub spend_limit_period: Option<String>,
+    /// Spend limit per UTC day, micros.
+    pub daily_limit_micros: Option<i64>,
+    /// Spend limit per UTC month, micros.
+    pub monthly_limit_micros: Option<i64>,
     /// Expiry, epoch ms.
     pub expires_at: Option<i64>,
     /// Revocation time, epoch ms.
@@ -179,8 +179,8 @@ pub struct NewKey {
     pub scopes: Vec<Scope>,
     /// Tool globs (empty = all).
     pub allow_tools: Vec<String>,
-    /// Spend limit `(micros, "day"|"month")`.
-    pub spend_limit: Option<(i64, String)>,
+    /// Spend limits `(micros, "day"|"month")`, at most one per period.
+    pub spend_limits: Vec<(i64, String)>,
     /// Lifetime from now.
     pub expires_in: Option<std::time::Duration>,
 }
@@ -288,6 +288,7 @@ pub async fn create_key(
     if new.scopes.is_empty() {
         return Err(KeyError::NoScope);
     }
+    let (daily, monthly) = limits_by_period(&new.spend_limits)?;
     let account_id = account_id_by_name(store, account_name).await?;
     let key = generate_key();
     let id = uuid::Uuid::now_v7().to_string();
@@ -309,8 +310,8 @@ pub async fn create_key(
         .join(",");
     let allow = (!new.allow_tools.is_empty()).then(|| new.allow_tools.join(","));
     sqlx::query(
-        "INSERT INTO api_keys (id, account_id, prefix, hash, scopes, allow_tools, spend_limit_micros, \
-         spend_limit_period, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO api_keys (id, account_id, prefix, hash, scopes, allow_tools, daily_limit_micros, \
+         monthly_limit_micros, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&id)
     .bind(&account_id)
@@ -318,8 +319,8 @@ pub async fn create_key(
     .bind(hash_key(&key))
     .bind(&scopes)
     .bind(allow)
-    .bind(new.spend_limit.as_ref().map(|(m, _)| *m))
-    .bind(new.spend_limit.as_ref().map(|(_, p)| p.clone()))
+    .bind(daily)
+    .bind(monthly)
     .bind(expires_at)
     .bind(now)
     .execute(store.pool())
@@ -330,13 +331,43 @@ pub async fn create_key(
         account: account_name.to_owned(),
         scopes: new.scopes.clone(),
         allow_tools: new.allow_tools.clone(),
-        spend_limit_micros: new.spend_limit.as_ref().map(|(m, _)| *m),
-        spend_limit_period: new.spend_limit.as_ref().map(|(_, p)| p.clone()),
+        daily_limit_micros: daily,
+        monthly_limit_micros: monthly,
         expires_at,
         revoked_at: None,
         created_at: now,
     };
     Ok((record, key))
+}
+
+/// Splits spend limits into `(daily, monthly)`.
+///
+/// # Errors
+/// [`KeyError::InvalidSpendLimit`] for two limits of one period or another period.
+fn limits_by_period(limits: &[(i64, String)]) -> Result<(Option<i64>, Option<i64>), KeyError> {
+    let (mut daily, mut monthly) = (None, None);
+    for (micros, period) in limits {
+        let slot = match period.as_str() {
+            "day" => &mut daily,
+            "month" => &mut monthly,
+            other => return Err(KeyError::InvalidSpendLimit(other.to_owned())),
+        };
+        if slot.replace(*micros).is_some() {
+            return Err(KeyError::InvalidSpendLimit(format!(
+                "two limits per {period} (give at most one per day and one per month)"
+            )));
+        }
+    }
+    Ok((daily, monthly))
+}
+
+/// The spend limits of a key from its stored columns.
+fn stored_limits(daily: Option<i64>, monthly: Option<i64>) -> Vec<(i64, String)> {
+    daily
+        .map(|m| (m, "day".to_owned()))
+        .into_iter()
+        .chain(monthly.map(|m| (m, "month".to_owned())))
+        .collect()
 }
 
 fn split_list(text: Option<String>) -> Vec<String> {
@@ -360,7 +391,7 @@ fn parse_stored_scopes(text: &str) -> Vec<Scope> {
 pub async fn list_keys(store: &Store, account_name: &str) -> Result<Vec<KeyRecord>, KeyError> {
     let account_id = account_id_by_name(store, account_name).await?;
     let rows = sqlx::query(
-        "SELECT id, prefix, scopes, allow_tools, spend_limit_micros, spend_limit_period, expires_at, \
+        "SELECT id, prefix, scopes, allow_tools, daily_limit_micros, monthly_limit_micros, expires_at, \
          revoked_at, created_at FROM api_keys WHERE account_id = $1 ORDER BY created_at DESC, id DESC",
     )
     .bind(&account_id)
@@ -374,14 +405,32 @@ pub async fn list_keys(store: &Store, account_name: &str) -> Result<Vec<KeyRecor
                 account: account_name.to_owned(),
                 scopes: parse_stored_scopes(&r.try_get::<String, _>(2)?),
                 allow_tools: split_list(r.try_get(3)?),
-                spend_limit_micros: r.try_get(4)?,
-                spend_limit_period: r.try_get(5)?,
+                daily_limit_micros: r.try_get(4)?,
+                monthly_limit_micros: r.try_get(5)?,
                 expires_at: r.try_get(6)?,
                 revoked_at: r.try_get(7)?,
                 created_at: r.try_get(8)?,
             })
         })
         .collect()
+}
+
+/// The id of the live (not revoked) key whose id or shown prefix is `id_or_prefix`.
+///
+/// # Errors
+/// [`KeyError::UnknownKey`], [`KeyError::AmbiguousKey`], [`KeyError::Store`].
+pub async fn key_id_of(store: &Store, id_or_prefix: &str) -> Result<String, KeyError> {
+    let rows = sqlx::query(
+        "SELECT id FROM api_keys WHERE (id = $1 OR prefix = $1) AND revoked_at IS NULL",
+    )
+    .bind(id_or_prefix)
+    .fetch_all(store.pool())
+    .await?;
+    match rows.as_slice() {
+        [] => Err(KeyError::UnknownKey(id_or_prefix.to_owned())),
+        [one] => Ok(one.try_get(0)?),
+        _ => Err(KeyError::AmbiguousKey(id_or_prefix.to_owned())),
+    }
 }
 
 /// Revokes the key whose id or shown prefix is `id_or_prefix`. Effective on the next
@@ -391,17 +440,7 @@ pub async fn list_keys(store: &Store, account_name: &str) -> Result<Vec<KeyRecor
 /// # Errors
 /// [`KeyError::UnknownKey`], [`KeyError::AmbiguousKey`], [`KeyError::Store`].
 pub async fn revoke_key(store: &Store, id_or_prefix: &str) -> Result<String, KeyError> {
-    let rows = sqlx::query(
-        "SELECT id FROM api_keys WHERE (id = $1 OR prefix = $1) AND revoked_at IS NULL",
-    )
-    .bind(id_or_prefix)
-    .fetch_all(store.pool())
-    .await?;
-    let id: String = match rows.as_slice() {
-        [] => return Err(KeyError::UnknownKey(id_or_prefix.to_owned())),
-        [one] => one.try_get(0)?,
-        _ => return Err(KeyError::AmbiguousKey(id_or_prefix.to_owned())),
-    };
+    let id = key_id_of(store, id_or_prefix).await?;
     sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
         .bind(now_ms())
         .bind(&id)
@@ -411,6 +450,11 @@ pub async fn revoke_key(store: &Store, id_or_prefix: &str) -> Result<String, Key
 }
 
 /// Authenticates a presented key: known hash, not revoked, not expired.
+///
+/// Keys are read from the store on every request, never cached, so a revocation or
+/// an expiry takes effect on the very next request of every open session. The rule
+/// is that a revoked key stops working within one second: a later cache of keys (for
+/// speed) must keep its entries for at most one second or be invalidated on revoke.
 ///
 /// # Errors
 /// [`KeyError::Unauthorized`] (one answer for every reason), [`KeyError::Store`].
@@ -424,8 +468,8 @@ pub async fn authenticate(store: &Store, presented: &str) -> Result<KeyContext, 
         return Err(KeyError::Unauthorized);
     }
     let row = sqlx::query(
-        "SELECT k.id, k.account_id, a.name, k.scopes, k.allow_tools, k.spend_limit_micros, \
-         k.spend_limit_period, k.expires_at FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+        "SELECT k.id, k.account_id, a.name, k.scopes, k.allow_tools, k.daily_limit_micros, \
+         k.monthly_limit_micros, k.expires_at FROM api_keys k JOIN accounts a ON a.id = k.account_id \
          WHERE k.hash = $1 AND k.revoked_at IS NULL",
     )
     .bind(hash_key(presented))
@@ -436,15 +480,15 @@ pub async fn authenticate(store: &Store, presented: &str) -> Result<KeyContext, 
     if expires_at.is_some_and(|t| t <= now_ms()) {
         return Err(KeyError::Unauthorized);
     }
-    let limit: Option<i64> = row.try_get(5)?;
-    let period: Option<String> = row.try_get(6)?;
+    let daily: Option<i64> = row.try_get(5)?;
+    let monthly: Option<i64> = row.try_get(6)?;
     Ok(KeyContext {
         key_id: row.try_get(0)?,
         account_id: row.try_get(1)?,
         account_name: row.try_get(2)?,
         scopes: parse_stored_scopes(&row.try_get::<String, _>(3)?),
         allow_tools: split_list(row.try_get(4)?),
-        spend_limit: limit.zip(period),
+        spend_limits: stored_limits(daily, monthly),
         expires_at,
     })
 }
@@ -497,7 +541,7 @@ mod tests {
             account_name: String::new(),
             scopes: vec![Scope::Invoke],
             allow_tools: parse_allow_tools("calendar__*").unwrap(),
-            spend_limit: None,
+            spend_limits: Vec::new(),
             expires_at: None,
         };
         assert!(ctx.allows_tool("calendar__create_event"));

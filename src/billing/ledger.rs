@@ -99,8 +99,8 @@ pub struct Reservation {
     pub fee_bps: u32,
     /// When the hold may be swept as abandoned (epoch ms).
     pub hold_expires_at: i64,
-    /// The key's spend limit `(micros, "day"|"month")`, if it has one.
-    pub spend_limit: Option<(i64, String)>,
+    /// The key's spend limits `(micros, "day"|"month")`, each checked.
+    pub spend_limits: Vec<(i64, String)>,
 }
 
 /// The final state of a call after settle or refund.
@@ -222,15 +222,15 @@ impl Ledger {
         let (creator_micros, fee_micros) = super::pricing::split_price(r.price_micros, r.fee_bps);
         let now = now_ms();
         let mut tx = self.store.begin().await?;
-        if let Some((limit_micros, period)) = &r.spend_limit {
-            if self.store.backend() == Backend::Postgres {
-                // Serializes reservations of one key so two concurrent calls cannot both
-                // pass the limit check (SQLite's single writer does this by itself).
-                sqlx::query("SELECT id FROM api_keys WHERE id = $1 FOR UPDATE")
-                    .bind(&r.key_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        if !r.spend_limits.is_empty() && self.store.backend() == Backend::Postgres {
+            // Serializes reservations of one key so two concurrent calls cannot both
+            // pass the limit check (SQLite's single writer does this by itself).
+            sqlx::query("SELECT id FROM api_keys WHERE id = $1 FOR UPDATE")
+                .bind(&r.key_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (limit_micros, period) in &r.spend_limits {
             let since = period_start_ms(period, now);
             let spent: i64 = sqlx::query(
                 "SELECT CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls \

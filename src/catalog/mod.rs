@@ -3,9 +3,15 @@
 //!
 //! A client's `tools/list` is answered from here, never from an upstream: the tool
 //! definitions are fetched at approval and refreshed by `upstream::tools`.
+//!
+//! Tool pinning ([`pins`]): every cached tool carries the hash of its reviewed fields,
+//! and only tools whose hash an admin approved are listed or callable. Every write of
+//! an upstream's tool list goes through [`Catalog::replace_tools`], which holds back a
+//! new or changed tool and records the change.
 
 pub mod manifest;
 pub mod namespace;
+pub mod pins;
 
 use std::collections::BTreeMap;
 
@@ -13,10 +19,11 @@ use sqlx::Row;
 
 use crate::billing::pricing::{self, PriceError};
 use crate::security::{EndpointError, EndpointPolicy};
-use crate::store::{Store, StoreError, Tx, is_unique_violation, now_ms};
+use crate::store::{Store, StoreError, is_unique_violation, now_ms};
 
 pub use manifest::{Manifest, ManifestError};
 pub use namespace::namespaced_name;
+pub use pins::{ToolChange, tool_hash};
 
 /// Default per-call upstream timeout (ms).
 pub const DEFAULT_TIMEOUT_MS: i64 = 30_000;
@@ -211,6 +218,16 @@ pub fn is_valid_slug(slug: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
+/// True for characters that render as nothing or reorder text: zero-width characters,
+/// bidirectional controls, Unicode tags, the BOM. Refused in names and descriptions so
+/// a listing cannot hide text or imitate another (Unicode TR #36 §2).
+pub fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}' | '\u{FEFF}' | '\u{00AD}' | '\u{061C}' | '\u{180E}'
+        | '\u{E0000}'..='\u{E007F}')
+}
+
 /// Derives a slug from a display name: lowercase ASCII letters and digits, other runs
 /// become one `-`, at most 32 characters.
 pub fn slug_from_name(name: &str) -> String {
@@ -228,8 +245,8 @@ pub fn slug_from_name(name: &str) -> String {
     slug.trim_end_matches('-').to_owned()
 }
 
-/// A fresh per-server secret: 32 random bytes, base64url.
-fn generate_secret() -> String {
+/// A fresh per-server secret: `mms_` + 32 random bytes, base64url.
+pub fn generate_secret() -> String {
     use base64::Engine;
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).expect("the OS random source is available");
@@ -251,6 +268,21 @@ macro_rules! select_servers {
         concat!(
             "SELECT id, slug, name, description, categories, owner_account_id, price_micros, status, \
              timeout_ms, created_at FROM servers ",
+            $tail
+        )
+    };
+}
+
+/// `SELECT` of the [`CatalogTool`] columns of tools clients may see: cached tools whose
+/// hash is the approved pin (tool pinning), joined with their server as `s`, followed
+/// by `$tail` (more joins, then `WHERE …`). Every read of listed or callable tools
+/// uses it.
+macro_rules! select_visible_tools {
+    ($tail:literal) => {
+        concat!(
+            "SELECT t.server_id, s.slug, t.name, t.namespaced_name, t.definition FROM upstream_tools t \
+             JOIN servers s ON s.id = t.server_id \
+             JOIN tool_pins p ON p.server_id = t.server_id AND p.tool = t.name AND p.hash = t.hash ",
             $tail
         )
     };
@@ -279,15 +311,20 @@ impl Catalog {
         let name = new.name.trim();
         if name.is_empty()
             || name.chars().count() > MAX_NAME_LEN
-            || name.chars().any(char::is_control)
+            || name.chars().any(|c| c.is_control() || is_invisible(c))
         {
             return Err(CatalogError::InvalidField(
                 "name: 1-100 printable characters",
             ));
         }
-        if new.description.chars().count() > MAX_DESCRIPTION_LEN {
+        if new.description.chars().count() > MAX_DESCRIPTION_LEN
+            || new
+                .description
+                .chars()
+                .any(|c| (c.is_control() && !matches!(c, '\n' | '\t')) || is_invisible(c))
+        {
             return Err(CatalogError::InvalidField(
-                "description: at most 2000 characters",
+                "description: at most 2000 printable characters",
             ));
         }
         let slug = match &new.slug {
@@ -302,15 +339,17 @@ impl Catalog {
                 "endpoints: between 1 and 8 URLs",
             ));
         }
-        let endpoints = new
-            .endpoints
-            .iter()
-            .map(|e| policy.check(e).map(|u| u.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut endpoints = Vec::with_capacity(new.endpoints.len());
+        for e in &new.endpoints {
+            endpoints.push(policy.check_resolved(e).await?.to_string());
+        }
         let price_micros = pricing::parse_pricing(&new.pricing)?;
         let mut tool_prices = BTreeMap::new();
         for (tool, price) in &new.tool_prices {
-            if tool.is_empty() || tool.len() > 128 {
+            if tool.is_empty()
+                || tool.len() > 128
+                || tool.chars().any(|c| c.is_control() || is_invisible(c))
+            {
                 return Err(CatalogError::InvalidField(
                     "tool price: a tool name of 1-128 characters",
                 ));
@@ -329,7 +368,10 @@ impl Catalog {
             .map(|c| c.trim().to_lowercase())
             .filter(|c| !c.is_empty())
             .collect();
-        if categories.iter().any(|c| c.len() > 40 || c.contains(',')) || categories.len() > 10 {
+        if categories.iter().any(|c| {
+            c.len() > 40 || c.contains(',') || c.chars().any(|c| c.is_control() || is_invisible(c))
+        }) || categories.len() > 10
+        {
             return Err(CatalogError::InvalidField(
                 "categories: at most 10, each 1-40 characters without commas",
             ));
@@ -465,6 +507,41 @@ impl Catalog {
         self.hydrate(row).await
     }
 
+    /// The id of the server with `slug`, if there is one (one indexed read: the rate
+    /// limiter's lookup).
+    ///
+    /// # Errors
+    /// [`CatalogError::Store`].
+    pub async fn id_of(&self, slug: &str) -> Result<Option<String>, CatalogError> {
+        Ok(sqlx::query("SELECT id FROM servers WHERE slug = $1")
+            .bind(slug)
+            .fetch_optional(self.store.pool())
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?)
+    }
+
+    /// Replaces the per-server `X-MCP-Marketplace-Secret` of `slug` with a fresh one and
+    /// returns it (shown this once). Open upstream sessions keep the old one until they
+    /// are closed (`App::rotate_secret` closes them).
+    ///
+    /// # Errors
+    /// [`CatalogError::UnknownServer`], [`CatalogError::Store`].
+    pub async fn rotate_secret(&self, slug: &str) -> Result<(Server, String), CatalogError> {
+        let secret = generate_secret();
+        let n = sqlx::query("UPDATE servers SET secret = $1, updated_at = $2 WHERE slug = $3")
+            .bind(&secret)
+            .bind(now_ms())
+            .bind(slug)
+            .execute(self.store.pool())
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(CatalogError::UnknownServer(slug.to_owned()));
+        }
+        Ok((self.get(slug).await?, secret))
+    }
+
     /// Every server (admin view), by slug.
     ///
     /// # Errors
@@ -597,7 +674,15 @@ impl Catalog {
 
     /// Replaces the cached tool list of `server` with `tools` (MCP `Tool` JSON objects;
     /// ones without a string `name` and object `inputSchema` are skipped; at most
-    /// [`MAX_TOOLS_PER_SERVER`]). Returns true when the set of definitions changed.
+    /// [`MAX_TOOLS_PER_SERVER`]). Returns true when the tools clients see changed.
+    ///
+    /// This is the one function every read of an upstream's tool list goes through
+    /// (approval, TTL refresh, `list_changed`, probes), and it applies tool pinning: a
+    /// tool whose [`tool_hash`] is not the approved one (a changed or a new tool) is
+    /// stored but held back from `tools/list` and calls, and the change is recorded in
+    /// `tool_changes` (one pending change per tool; a tool that changes back resolves
+    /// it as `reverted`). [`Catalog::unalerted_tool_changes`] lists what the creator
+    /// was not yet told.
     ///
     /// # Errors
     /// [`CatalogError::Store`].
@@ -606,7 +691,7 @@ impl Catalog {
         server: &Server,
         tools: &[serde_json::Value],
     ) -> Result<bool, CatalogError> {
-        let mut fresh: Vec<(String, String, String)> = Vec::new();
+        let mut fresh: Vec<pins::FreshTool> = Vec::new();
         for def in tools.iter().take(MAX_TOOLS_PER_SERVER) {
             let (Some(name), Some(_)) = (
                 def.get("name").and_then(|n| n.as_str()),
@@ -615,33 +700,18 @@ impl Catalog {
                 tracing::warn!(server = %server.slug, "skipping a tool definition without name or inputSchema");
                 continue;
             };
-            if name.is_empty() || fresh.iter().any(|(n, _, _)| n == name) {
+            if name.is_empty() || fresh.iter().any(|t| t.name == name) {
                 continue;
             }
-            fresh.push((
-                name.to_owned(),
-                namespaced_name(&server.slug, name),
-                def.to_string(),
-            ));
+            fresh.push(pins::FreshTool {
+                name: name.to_owned(),
+                namespaced: namespaced_name(&server.slug, name),
+                definition: def.to_string(),
+                hash: tool_hash(def),
+            });
         }
         let mut tx = self.store.begin().await?;
-        let old: Vec<(String, String)> = sqlx::query(
-            "SELECT name, definition FROM upstream_tools WHERE server_id = $1 ORDER BY position",
-        )
-        .bind(&server.id)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<_, sqlx::Error>>()?;
-        let changed = old.len() != fresh.len()
-            || old
-                .iter()
-                .zip(&fresh)
-                .any(|((n, d), (fn_, _, fd))| n != fn_ || d != fd);
-        if changed {
-            write_tools(&mut tx, &server.id, &fresh).await?;
-        }
+        let changed = pins::replace_pinned(&mut tx, &server.id, &fresh).await?;
         sqlx::query("UPDATE servers SET tools_fetched_at = $1 WHERE id = $2")
             .bind(now_ms())
             .bind(&server.id)
@@ -678,27 +748,25 @@ impl Catalog {
         &self,
         account_id: &str,
     ) -> Result<Vec<CatalogTool>, CatalogError> {
-        let rows = sqlx::query(
-            "SELECT t.server_id, s.slug, t.name, t.namespaced_name, t.definition FROM upstream_tools t \
-             JOIN servers s ON s.id = t.server_id JOIN installs i ON i.server_id = s.id \
-             WHERE i.account_id = $1 AND s.status IN ('active', 'degraded', 'recovered') \
-             ORDER BY s.slug, t.position",
-        )
+        let rows = sqlx::query(select_visible_tools!(
+            "JOIN installs i ON i.server_id = s.id \
+                 WHERE i.account_id = $1 AND s.status IN ('active', 'degraded', 'recovered') \
+                 ORDER BY s.slug, t.position"
+        ))
         .bind(account_id)
         .fetch_all(self.store.pool())
         .await?;
         rows.into_iter().map(catalog_tool).collect()
     }
 
-    /// The cached tools of one server, in upstream order.
+    /// The approved (visible) cached tools of one server, in upstream order.
     ///
     /// # Errors
     /// [`CatalogError::Store`].
     pub async fn tools_of_server(&self, server_id: &str) -> Result<Vec<CatalogTool>, CatalogError> {
-        let rows = sqlx::query(
-            "SELECT t.server_id, s.slug, t.name, t.namespaced_name, t.definition FROM upstream_tools t \
-             JOIN servers s ON s.id = t.server_id WHERE t.server_id = $1 ORDER BY t.position",
-        )
+        let rows = sqlx::query(select_visible_tools!(
+            "WHERE t.server_id = $1 ORDER BY t.position"
+        ))
         .bind(server_id)
         .fetch_all(self.store.pool())
         .await?;
@@ -716,9 +784,9 @@ impl Catalog {
         namespaced: &str,
     ) -> Result<Option<(Server, CatalogTool)>, CatalogError> {
         let row = sqlx::query(
-            "SELECT t.server_id, s.slug, t.name, t.namespaced_name, t.definition FROM upstream_tools t \
-             JOIN servers s ON s.id = t.server_id JOIN installs i ON i.server_id = s.id \
-             WHERE i.account_id = $1 AND t.namespaced_name = $2",
+            select_visible_tools!(
+                "JOIN installs i ON i.server_id = s.id WHERE i.account_id = $1 AND t.namespaced_name = $2"
+            ),
         )
         .bind(account_id)
         .bind(namespaced)
@@ -739,10 +807,9 @@ impl Catalog {
         server_id: &str,
         name: &str,
     ) -> Result<Option<CatalogTool>, CatalogError> {
-        let row = sqlx::query(
-            "SELECT t.server_id, s.slug, t.name, t.namespaced_name, t.definition FROM upstream_tools t \
-             JOIN servers s ON s.id = t.server_id WHERE t.server_id = $1 AND t.name = $2",
-        )
+        let row = sqlx::query(select_visible_tools!(
+            "WHERE t.server_id = $1 AND t.name = $2"
+        ))
         .bind(server_id)
         .bind(name)
         .fetch_optional(self.store.pool())
@@ -765,31 +832,6 @@ impl Catalog {
                 .collect::<Result<_, _>>()?,
         )
     }
-}
-
-async fn write_tools(
-    tx: &mut Tx,
-    server_id: &str,
-    tools: &[(String, String, String)],
-) -> Result<(), CatalogError> {
-    sqlx::query("DELETE FROM upstream_tools WHERE server_id = $1")
-        .bind(server_id)
-        .execute(&mut **tx)
-        .await?;
-    for (i, (name, namespaced, def)) in tools.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO upstream_tools (server_id, name, namespaced_name, definition, position) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(server_id)
-        .bind(name)
-        .bind(namespaced)
-        .bind(def)
-        .bind(i as i64)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
 }
 
 fn catalog_tool(row: sqlx::any::AnyRow) -> Result<CatalogTool, CatalogError> {

@@ -3,15 +3,18 @@
 //! 1. authenticate (the middleware checked the key; here: scope `invoke`, allow-list);
 //! 2. resolve `{slug}__{tool}` to an installed server (or the one-server endpoint's);
 //!    a server that is not callable fails with `upstream_unavailable`;
-//! 3. rate limit and 4. circuit breaker: not part of this layer yet (the trust and
-//!    reliability layers add them here);
+//! 3. rate limit: checked before rmcp sees the request (`gateway::limits`, HTTP 429);
+//!    here the call's trust policy is read and the server's concurrency cap applied;
+//! 4. circuit breaker: not part of this layer yet (the reliability layer adds it here);
 //! 5. reserve the price (one transaction; insufficient credits or the key's spend
-//!    limit refuse the call before anything is sent);
-//! 6. forward over the (account, server) upstream session, with the secret, a signed
-//!    per-call token and `X-Request-Id`, under the server's timeout, streaming progress
-//!    and log messages back;
+//!    limits refuse the call before anything is sent);
+//! 6. forward over the (account, server) upstream session, with the secret, the
+//!    creator's credentials, a signed per-call token and `X-Request-Id`, under the
+//!    server's timeout, streaming progress and log messages back; then content
+//!    protection: redaction, then scanning (`blocked_content` in block mode, warnings
+//!    under `_meta` in flag mode);
 //! 7. settle on success; refund on any failure (transport, timeout, HTTP ≥ 500,
-//!    JSON-RPC error, `isError: true`, client cancellation);
+//!    JSON-RPC error, `isError: true`, blocked content, client cancellation);
 //! 8. attach the signed receipt.
 
 use std::time::{Duration, Instant};
@@ -31,6 +34,9 @@ use crate::auth::signing::{UPSTREAM_TOKEN_TTL_SECS, UpstreamClaims, now_secs};
 use crate::billing::pricing::format_usd;
 use crate::billing::receipts::RECEIPT_META_KEY;
 use crate::billing::{BillingError, Outcome, Receipt, Reservation};
+use crate::security::audit::{self, Actor};
+use crate::security::policy::Effective;
+use crate::security::scan::{self, Finding, ScanMode, WARNINGS_META_KEY};
 use crate::store::now_ms;
 use crate::upstream::UpstreamError;
 use crate::upstream::client::{REQUEST_ID_HEADER, TOKEN_HEADER, headers};
@@ -99,6 +105,27 @@ pub async fn call_tool(
         ));
     }
 
+    // 3. The call's trust policy, and the server's concurrency cap (the permit is held
+    // until the call is settled or refunded).
+    let policy = app
+        .effective_policy(Some(&server.id), key)
+        .await
+        .map_err(internal)?;
+    let Some(_permit) = app
+        .concurrency
+        .try_acquire(&server.id, policy.max_concurrency)
+    else {
+        return Ok(tool_error(
+            "upstream_unavailable",
+            format!(
+                "The server '{}' is already handling its maximum of {} concurrent calls. You were not \
+                 charged; retry in a moment.",
+                server.slug, policy.max_concurrency
+            ),
+            Some(1),
+        ));
+    };
+
     // 5. Reserve.
     let call_id = uuid::Uuid::now_v7().to_string();
     let price = if server.owner_account_id == key.account_id {
@@ -115,7 +142,7 @@ pub async fn call_tool(
         price_micros: price,
         fee_bps: app.config.platform_fee_bps,
         hold_expires_at: now_ms() + server.timeout_ms + HOLD_GRACE_MS,
-        spend_limit: key.spend_limit.clone(),
+        spend_limits: key.spend_limits.clone(),
     };
     match app.ledger.reserve(&reservation).await {
         Ok(_) => {}
@@ -153,7 +180,22 @@ pub async fn call_tool(
 
     // 6. Forward.
     let started = Instant::now();
-    let forwarded = forward(app, caller, &server, &tool.name, args, &call_id, price, ctx).await;
+    let forwarded =
+        match forward(app, caller, &server, &tool.name, args, &call_id, price, ctx).await {
+            Ok(result) => {
+                protect(
+                    app,
+                    key,
+                    &server.slug,
+                    &tool.name,
+                    &call_id,
+                    &policy,
+                    result,
+                )
+                .await
+            }
+            failed => failed,
+        };
     let latency_ms = started.elapsed().as_millis() as i64;
 
     // 7. Settle or refund.
@@ -168,6 +210,23 @@ pub async fn call_tool(
             ),
             Some("cancelled"),
         ),
+        Err(Failure::Blocked(findings)) => {
+            let mut rules: Vec<&str> = findings.iter().map(|f| f.rule).collect();
+            rules.dedup();
+            (
+                tool_error(
+                    "blocked_content",
+                    format!(
+                        "The server '{}' answered with content the marketplace blocks ({}), so the answer \
+                         was withheld. You were not charged.",
+                        server.slug,
+                        rules.join(", ")
+                    ),
+                    None,
+                ),
+                Some("blocked_content"),
+            )
+        }
         Err(Failure::Upstream(e)) => {
             let timeout_s = server.timeout_ms / 1000;
             let message = match &e {
@@ -273,6 +332,63 @@ fn mark_error(result: &mut CallToolResult, kind: &str) {
 enum Failure {
     Upstream(UpstreamError),
     Cancelled,
+    Blocked(Vec<Finding>),
+}
+
+/// Content protection of an upstream's result (after the forward, before settle):
+/// the policy's redaction paths are removed, then the result is scanned. Block mode
+/// turns findings into [`Failure::Blocked`] (audited as `call.blocked`); flag mode
+/// adds them under `_meta["mcp-marketplace/warnings"]`. Costs nothing when there are
+/// no redaction paths and scanning is off.
+async fn protect(
+    app: &App,
+    key: &crate::auth::KeyContext,
+    slug: &str,
+    tool: &str,
+    call_id: &str,
+    policy: &Effective,
+    result: CallToolResult,
+) -> Result<CallToolResult, Failure> {
+    if policy.redact.is_empty() && policy.scan == ScanMode::Off {
+        return Ok(result);
+    }
+    let invalid = |_| {
+        Failure::Upstream(UpstreamError::Protocol(
+            "the result is not a CallToolResult".into(),
+        ))
+    };
+    let mut value = serde_json::to_value(&result).map_err(invalid)?;
+    crate::security::redact::redact_result(&mut value, &policy.redact);
+    let findings = if policy.scan == ScanMode::Off {
+        Vec::new()
+    } else {
+        scan::scan(&value)
+    };
+    if !findings.is_empty() {
+        tracing::warn!(%call_id, server = %slug, %tool, findings = findings.len(), mode = policy.scan.as_str(), "suspicious upstream content");
+        if policy.scan == ScanMode::Block {
+            let _ = audit::record(
+                &app.store,
+                &Actor::Key {
+                    key_id: key.key_id.clone(),
+                    account: key.account_name.clone(),
+                },
+                "call.blocked",
+                call_id,
+                json!({"server": slug, "tool": tool, "findings": findings}),
+            )
+            .await;
+            return Err(Failure::Blocked(findings));
+        }
+        if let Some(obj) = value.as_object_mut() {
+            let meta = obj.entry("_meta").or_insert_with(|| json!({}));
+            if !meta.is_object() {
+                *meta = json!({});
+            }
+            meta[WARNINGS_META_KEY] = json!(findings);
+        }
+    }
+    serde_json::from_value(value).map_err(invalid)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -287,12 +403,15 @@ async fn forward(
     ctx: &RequestContext<RoleServer>,
 ) -> Result<CallToolResult, Failure> {
     let key = &caller.key;
-    let secret = app.catalog.secret(&server.id).await.map_err(|_| {
-        Failure::Upstream(UpstreamError::Protocol("server secret unavailable".into()))
+    let fixed = app.upstream_headers(server).await.map_err(|e| {
+        tracing::error!(server = %server.slug, error = %e, "cannot build the upstream headers");
+        Failure::Upstream(UpstreamError::Protocol(
+            "server credentials unavailable".into(),
+        ))
     })?;
     let session = app
         .upstreams
-        .session(&key.account_id, server, &secret)
+        .session(&key.account_id, server, &fixed)
         .ok_or(Failure::Upstream(UpstreamError::Connect))?;
     let now = now_secs();
     let token = app

@@ -6,11 +6,13 @@
 //!
 //! Both are rmcp `StreamableHttpService`s behind [`require_key`], which authenticates
 //! every HTTP request (so a revoked key stops working on its open sessions at once) and
-//! hands the [`Caller`] to the handler through the request's extensions. A session is
-//! bound to the account and endpoint that initialized it. [`call`] is the call path.
+//! hands the [`Caller`] to the handler through the request's extensions, then checks
+//! the rate limits of any `tools/call` in the body ([`limits`]). A session is bound to
+//! the account and endpoint that initialized it. [`call`] is the call path.
 
 pub mod call;
 pub mod handler;
+pub mod limits;
 pub mod notify;
 pub mod tools;
 
@@ -140,7 +142,9 @@ pub async fn authenticate_request(
 }
 
 /// Middleware: authenticates the key of every MCP request and attaches a [`Caller`];
-/// answers 401 with `WWW-Authenticate: Bearer` otherwise, 503 when the store is down.
+/// answers 401 with `WWW-Authenticate: Bearer` otherwise, 503 when the store is down;
+/// then applies the rate limits ([`limits::check`]: 429 over a limit, 413 over the
+/// body cap).
 pub async fn require_key(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let key = match authenticate_request(&app, req.headers()).await {
         Ok(k) => k,
@@ -160,6 +164,10 @@ pub async fn require_key(State(app): State<Arc<App>>, mut req: Request, next: Ne
         .strip_prefix("/servers/")
         .and_then(|rest| rest.strip_suffix("/mcp"))
         .map(str::to_owned);
-    req.extensions_mut().insert(Caller { key, slug });
-    next.run(req).await
+    let caller = Caller { key, slug };
+    req.extensions_mut().insert(caller.clone());
+    match limits::check(&app, &caller, req).await {
+        Ok(req) => next.run(req).await,
+        Err(refused) => refused,
+    }
 }

@@ -13,7 +13,10 @@
 //! - an HTTP 404 on a request that carried `Mcp-Session-Id` means the upstream lost the
 //!   session: the session is re-initialized once and the request resent (it was never
 //!   processed, so this is safe even for non-idempotent tools);
-//! - redirects are never followed (SSRF), `TCP_NODELAY` is set.
+//! - redirects are never followed, no proxy is used, and names resolve only through
+//!   the SSRF-checking resolver (`security::ssrf`); `TCP_NODELAY` is set;
+//! - every request carries the session's fixed headers: `X-MCP-Marketplace-Secret`
+//!   and the creator's credentials, marked sensitive so `Debug` never shows them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -98,15 +101,20 @@ impl UpstreamError {
     }
 }
 
-/// Builds the shared HTTP client for upstream traffic: no redirects, `TCP_NODELAY`,
-/// rustls.
+/// Builds the shared HTTP client for upstream traffic: no redirects, no proxy (a proxy
+/// would resolve names itself), every name resolved through `resolver` (the SSRF
+/// check at every connect, DNS-rebinding safe), `TCP_NODELAY`, rustls.
 ///
 /// # Errors
 /// [`UpstreamError::Protocol`] if the TLS backend cannot be initialized.
-pub fn http_client() -> Result<reqwest::Client, UpstreamError> {
+pub fn http_client(
+    resolver: crate::security::ssrf::GuardedResolver,
+) -> Result<reqwest::Client, UpstreamError> {
     crate::install_crypto_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(std::sync::Arc::new(resolver))
         .tcp_nodelay(true)
         .connect_timeout(CONNECT_TIMEOUT)
         .pool_idle_timeout(Duration::from_secs(90))
@@ -127,7 +135,8 @@ struct SessionInfo {
 pub struct UpstreamSession {
     http: reqwest::Client,
     url: String,
-    secret: HeaderValue,
+    /// Sent on every request: the per-server secret and the creator's credentials.
+    fixed: HeaderMap,
     state: tokio::sync::Mutex<Option<SessionInfo>>,
     next_id: AtomicI64,
     last_used_ms: AtomicI64,
@@ -138,19 +147,20 @@ pub struct UpstreamSession {
 pub type OnMessage<'a> = &'a (dyn Fn(Value) + Send + Sync);
 
 impl UpstreamSession {
-    /// A session (not yet initialized) with `url`, sending `secret` as
-    /// `X-MCP-Marketplace-Secret` on every request and capping response bodies at
-    /// `max_response_bytes`.
+    /// A session (not yet initialized) with `url`, sending the `fixed` headers
+    /// (`X-MCP-Marketplace-Secret` and credentials, see
+    /// `security::credentials::upstream_headers`) on every request and capping response
+    /// bodies at `max_response_bytes`.
     pub fn new(
         http: reqwest::Client,
         url: String,
-        secret: &str,
+        fixed: HeaderMap,
         max_response_bytes: usize,
     ) -> Self {
         Self {
             http,
             url,
-            secret: HeaderValue::from_str(secret).unwrap_or_else(|_| HeaderValue::from_static("")),
+            fixed,
             state: tokio::sync::Mutex::new(None),
             next_id: AtomicI64::new(1),
             last_used_ms: AtomicI64::new(now_ms()),
@@ -212,7 +222,7 @@ impl UpstreamSession {
                 .delete(&self.url)
                 .header("mcp-session-id", id)
                 .header("mcp-protocol-version", protocol_version)
-                .header(SECRET_HEADER, self.secret.clone())
+                .headers(self.fixed.clone())
                 .timeout(Duration::from_secs(5))
                 .send()
                 .await;
@@ -287,7 +297,7 @@ impl UpstreamSession {
             .post(&self.url)
             .header(http::header::ACCEPT, "application/json, text/event-stream")
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(SECRET_HEADER, self.secret.clone())
+            .headers(self.fixed.clone())
             .headers(extra.clone())
             .body(body.to_string());
         if let Some(info) = info {
@@ -417,7 +427,7 @@ impl UpstreamSession {
             .http
             .get(&self.url)
             .header(http::header::ACCEPT, "text/event-stream")
-            .header(SECRET_HEADER, self.secret.clone())
+            .headers(self.fixed.clone())
             .header("mcp-protocol-version", &info.protocol_version);
         if let Some(id) = &info.session_id {
             req = req.header("mcp-session-id", id);

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 pub use client::{UpstreamError, UpstreamSession};
 
 use crate::catalog::Server;
+use crate::security::EndpointPolicy;
 use crate::store::now_ms;
 
 /// Most `tools/list` pages read from one upstream (a server that pages forever stops
@@ -29,50 +30,64 @@ pub const DEFAULT_SESSION_IDLE_MS: i64 = 5 * 60 * 1000;
 #[derive(Debug)]
 pub struct Upstreams {
     http: reqwest::Client,
+    policy: EndpointPolicy,
     sessions: DashMap<(String, String), Arc<UpstreamSession>>,
     max_response_bytes: usize,
     idle_ms: i64,
 }
 
 impl Upstreams {
-    /// A pool capping every response at `max_response_bytes` and closing sessions idle
-    /// for `idle_ms`.
+    /// A pool capping every response at `max_response_bytes`, closing sessions idle
+    /// for `idle_ms`, and connecting only where `policy` allows (its resolver checks
+    /// every resolved address at every connect).
     ///
     /// # Errors
     /// [`UpstreamError::Protocol`] if the HTTP client cannot be built.
-    pub fn new(max_response_bytes: usize, idle_ms: i64) -> Result<Self, UpstreamError> {
+    pub fn new(
+        max_response_bytes: usize,
+        idle_ms: i64,
+        policy: EndpointPolicy,
+    ) -> Result<Self, UpstreamError> {
         Ok(Self {
-            http: client::http_client()?,
+            http: client::http_client(policy.resolver())?,
+            policy,
             sessions: DashMap::new(),
             max_response_bytes,
             idle_ms,
         })
     }
 
-    /// A session not bound to any account (tool-list fetches and list-changed watches).
-    pub fn detached_session(&self, server: &Server, secret: &str) -> Option<UpstreamSession> {
+    /// A session not bound to any account (tool-list fetches and list-changed watches),
+    /// sending the `fixed` headers (secret and credentials) on every request. `None`
+    /// when the server has no endpoint, or its endpoint no longer passes the policy
+    /// (an IP-literal host is checked here, since the resolver never sees it).
+    pub fn detached_session(&self, server: &Server, fixed: &HeaderMap) -> Option<UpstreamSession> {
         let url = server.endpoints.first()?;
+        if let Err(e) = self.policy.check(url) {
+            tracing::warn!(server = %server.slug, error = %e, "refused to connect to an endpoint the policy no longer allows");
+            return None;
+        }
         Some(UpstreamSession::new(
             self.http.clone(),
             url.clone(),
-            secret,
+            fixed.clone(),
             self.max_response_bytes,
         ))
     }
 
     /// The session of `account_id` with `server`, created (not yet initialized) on first
-    /// use. `None` when the server has no endpoint.
+    /// use with the `fixed` headers. `None` when the server has no endpoint it may use.
     pub fn session(
         &self,
         account_id: &str,
         server: &Server,
-        secret: &str,
+        fixed: &HeaderMap,
     ) -> Option<Arc<UpstreamSession>> {
         let key = (account_id.to_owned(), server.id.clone());
         if let Some(s) = self.sessions.get(&key) {
             return Some(s.clone());
         }
-        let session = Arc::new(self.detached_session(server, secret)?);
+        let session = Arc::new(self.detached_session(server, fixed)?);
         Some(self.sessions.entry(key).or_insert(session).clone())
     }
 
@@ -134,11 +149,11 @@ impl Upstreams {
     pub async fn fetch_tools(
         &self,
         server: &Server,
-        secret: &str,
+        fixed: &HeaderMap,
     ) -> Result<Vec<Value>, UpstreamError> {
         let session = self
-            .detached_session(server, secret)
-            .ok_or_else(|| UpstreamError::Protocol("the server has no endpoint".into()))?;
+            .detached_session(server, fixed)
+            .ok_or(UpstreamError::Connect)?;
         let result = tokio::time::timeout(TOOL_FETCH_TIMEOUT, async {
             let mut tools = Vec::new();
             let mut cursor: Option<String> = None;

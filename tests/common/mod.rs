@@ -14,6 +14,8 @@ use mcp_marketplace::billing::ledger::{AccountBalance, PlatformBalance};
 use mcp_marketplace::catalog::NewServer;
 use mcp_marketplace::config::Config;
 use mcp_marketplace::demo::upstreams::{self, ExampleServer, SecretSlot};
+use mcp_marketplace::security::ssrf::StaticLookup;
+use mcp_marketplace::security::vault::MasterKeySource;
 use rmcp::service::RunningService;
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -37,11 +39,12 @@ pub fn backends() -> Vec<Backend> {
     b
 }
 
-/// A fresh, empty database, removed when dropped.
+/// A fresh, empty database, removed when dropped, with a temporary directory for its
+/// master key file.
 pub struct TestDb {
     pub url: String,
     pub backend: Backend,
-    _dir: Option<tempfile::TempDir>,
+    pub dir: tempfile::TempDir,
     pg: Option<(String, String)>,
 }
 
@@ -54,7 +57,7 @@ impl TestDb {
                 Self {
                     url,
                     backend,
-                    _dir: Some(dir),
+                    dir,
                     pg: None,
                 }
             }
@@ -73,7 +76,7 @@ impl TestDb {
                 Self {
                     url: url.to_string(),
                     backend,
-                    _dir: None,
+                    dir: tempfile::tempdir().expect("temp dir"),
                     pg: Some((admin, name)),
                 }
             }
@@ -110,15 +113,51 @@ pub struct Market {
     /// `http://127.0.0.1:PORT`
     pub base: String,
     pub db: TestDb,
+    /// The DNS answers upstream names get (no test ever asks a real DNS server).
+    pub dns: Arc<StaticLookup>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// A public address that names in tests resolve to. Registration only checks it; no
+/// test ever connects to it.
+pub const PUBLIC_TEST_IP: &str = "93.184.215.14";
+
+/// Names the test DNS knows: a public one (the registration tests'), and the standard
+/// hostile answers of the SSRF tests.
+pub fn test_dns() -> Arc<StaticLookup> {
+    let dns = Arc::new(StaticLookup::new(None));
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("an IP") };
+    for name in [
+        "calendar.example.com",
+        "x.example.com",
+        "public.test",
+        "rebind.test",
+    ] {
+        dns.set(name, &[ip(PUBLIC_TEST_IP)]);
+    }
+    dns.set("localhost", &[ip("127.0.0.1"), ip("::1")]);
+    dns.set("private.test", &[ip("10.1.2.3")]);
+    dns.set("metadata.test", &[ip("169.254.169.254")]);
+    dns.set("mixed.test", &[ip(PUBLIC_TEST_IP), ip("192.168.0.10")]);
+    dns.set("mapped.test", &[ip("::ffff:127.0.0.1")]);
+    dns.set("ula.test", &[ip("fd00:ec2::254")]);
+    dns.set("cgnat.test", &[ip("100.64.1.1")]);
+    dns.set("empty.test", &[]);
+    dns
+}
+
+/// The master key of in-process test marketplaces (64 hex digits); the CLI tests give
+/// it to the binary as `MCP_MARKETPLACE_MASTER_KEY`.
+pub const TEST_MASTER_KEY: &str =
+    "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
 pub fn test_config(db: &TestDb) -> Config {
     Config {
         listen: "127.0.0.1:0".into(),
         database_url: db.url.clone(),
         allow_upstream_hosts: vec!["127.0.0.1".into()],
+        master_key: MasterKeySource::Material(TEST_MASTER_KEY.into()),
         ..Config::default()
     }
 }
@@ -137,6 +176,8 @@ impl Market {
         let mut config = test_config(&db);
         config.listen = addr.to_string();
         config.public_url = format!("http://{addr}");
+        let dns = test_dns();
+        config.lookup = Some(dns.clone());
         tweak(&mut config);
         let app = App::new(config).await.expect("marketplace starts");
         let shutdown = CancellationToken::new();
@@ -151,6 +192,7 @@ impl Market {
             app,
             base: format!("http://{addr}"),
             db,
+            dns,
             shutdown,
             task,
         }
@@ -256,15 +298,26 @@ pub struct World {
 
 impl World {
     pub async fn start(backend: Backend, funds: i64) -> Self {
-        let market = Market::start(TestDb::new(backend).await).await;
-        let creator = market.account("creator").await;
-        let user = market.account("user").await;
+        Self::start_with(backend, funds, |_, _| {}).await
+    }
+
+    /// As [`World::start`], with `tweak` adjusting the marketplace's configuration; it
+    /// also gets the `HOST:PORT` of the two upstreams.
+    pub async fn start_with(
+        backend: Backend,
+        funds: i64,
+        tweak: impl FnOnce(&mut Config, &[String]),
+    ) -> Self {
         let units = upstreams::spawn_unit_converter(bind().await, SecretSlot::default())
             .await
             .expect("units");
         let notes = upstreams::spawn_notes(bind().await, SecretSlot::default())
             .await
             .expect("notes");
+        let addrs = [units.addr.to_string(), notes.addr.to_string()];
+        let market = Market::start_with(TestDb::new(backend).await, |c| tweak(c, &addrs)).await;
+        let creator = market.account("creator").await;
+        let user = market.account("user").await;
         for (slug, server, pricing) in [
             ("units", &units, "0.02_per_request"),
             ("notes", &notes, "0.01_per_request"),
