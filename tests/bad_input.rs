@@ -3,39 +3,13 @@
 
 mod common;
 
-use common::{World, args, backends};
+use common::{World, args, backends, snapshot};
 use mcp_marketplace::auth::Scope;
 use rmcp::model::{CallToolRequestParams, ErrorCode};
 use serde_json::{Value, json};
 use sqlx::Row;
 
-const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
-
-/// Counts that must not move: servers, endpoints, installs, transfers, entries, calls,
-/// and the sum of all balances.
-async fn snapshot(w: &World) -> Vec<i64> {
-    let pool = w.market.app.store.pool();
-    let mut out = Vec::new();
-    for q in [
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM servers",
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM server_endpoints",
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM installs",
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger_transfers",
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger_entries",
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM calls",
-        "SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM ledger_accounts WHERE kind = 'wallet'",
-    ] {
-        out.push(
-            sqlx::query(q)
-                .fetch_one(pool)
-                .await
-                .unwrap()
-                .try_get::<i64, _>(0)
-                .unwrap(),
-        );
-    }
-    out
-}
+use common::raw::INIT;
 
 fn post(url: &str) -> reqwest::RequestBuilder {
     reqwest::Client::new()
@@ -47,7 +21,7 @@ fn post(url: &str) -> reqwest::RequestBuilder {
 async fn mcp_endpoint_refuses_bad_requests_cleanly() {
     for backend in backends() {
         let w = World::start(backend, 100_000).await;
-        let before = snapshot(&w).await;
+        let before = snapshot(&w.market).await;
         let url = w.market.mcp_url();
 
         // Missing and invalid keys: 401 with WWW-Authenticate: Bearer.
@@ -135,7 +109,11 @@ async fn mcp_endpoint_refuses_bad_requests_cleanly() {
         let client = w.market.client(&w.key).await;
         assert!(!client.list_all_tools().await.unwrap().is_empty());
         client.cancel().await.ok();
-        assert_eq!(snapshot(&w).await, before, "nothing changed ({backend:?})");
+        assert_eq!(
+            snapshot(&w.market).await,
+            before,
+            "nothing changed ({backend:?})"
+        );
         w.market.assert_ledger_ok().await;
         w.stop().await;
     }
@@ -144,7 +122,7 @@ async fn mcp_endpoint_refuses_bad_requests_cleanly() {
 #[tokio::test]
 async fn unknown_and_forbidden_tools_answer_alike() {
     let w = World::start(common::Backend::Sqlite, 100_000).await;
-    let before = snapshot(&w).await;
+    let before = snapshot(&w.market).await;
     // A key that may only use notes tools, and one without `invoke`.
     let (_, notes_only) = mcp_marketplace::auth::keys::create_key(
         &w.market.app.store,
@@ -196,7 +174,7 @@ async fn unknown_and_forbidden_tools_answer_alike() {
         "{names:?}"
     );
     client.cancel().await.ok();
-    assert_eq!(snapshot(&w).await, before);
+    assert_eq!(snapshot(&w.market).await, before);
     w.stop().await;
 }
 
@@ -265,7 +243,7 @@ async fn register_refuses_bad_servers_without_changing_the_catalog() {
         let w = World::start(backend, 0).await;
         let creator_key = w.market.key("creator", &[Scope::ServersWrite]).await;
         let reader_key = w.market.key("creator", &[Scope::CatalogRead]).await;
-        let before = snapshot(&w).await;
+        let before = snapshot(&w.market).await;
         let api = format!("{}/api/v1/servers", w.market.base);
         let good = json!({"name": "Calendar", "slug": "calendar", "endpoint": "https://calendar.example.com/mcp", "pricing": "0.02_per_request"});
         let with = |k: &str, v: Value| {
@@ -355,7 +333,7 @@ async fn register_refuses_bad_servers_without_changing_the_catalog() {
             .unwrap();
         assert_eq!(r.status(), 401);
         assert_eq!(
-            snapshot(&w).await,
+            snapshot(&w.market).await,
             before,
             "catalog and ledger unchanged ({backend:?})"
         );

@@ -4,32 +4,15 @@
 mod common;
 
 use common::fault::{FaultServer, HTTP_500};
-use common::{Backend, Market, NOTES_PRICE, TestDb, UNITS_PRICE, World, args, backends, client_at};
+use common::{
+    Backend, Market, NOTES_PRICE, TestDb, UNITS_PRICE, World, args, backends, client_at,
+    error_kind, receipt_of, text_of,
+};
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::signing::keys_from_jwks;
 use mcp_marketplace::billing::Receipt;
 use rmcp::model::{CallToolRequestParams, CallToolResult};
 use serde_json::{Value, json};
-
-fn receipt_of(result: &CallToolResult) -> Receipt {
-    let meta = result.meta.as_ref().expect("result has _meta");
-    let value = meta
-        .0
-        .get("mcp-marketplace/receipt")
-        .expect("receipt in _meta");
-    serde_json::from_value(value.clone()).expect("receipt parses")
-}
-
-fn error_kind(result: &CallToolResult) -> Option<String> {
-    result
-        .meta
-        .as_ref()?
-        .0
-        .get("mcp-marketplace/error")?
-        .get("kind")?
-        .as_str()
-        .map(str::to_owned)
-}
 
 async fn verify_receipt(base: &str, receipt: &Receipt) {
     let jwks: Value = reqwest::get(format!("{base}/.well-known/jwks.json"))
@@ -41,15 +24,6 @@ async fn verify_receipt(base: &str, receipt: &Receipt) {
     receipt
         .verify(&keys_from_jwks(&jwks))
         .expect("receipt signature verifies against the JWKS");
-}
-
-fn text_of(result: &CallToolResult) -> String {
-    result
-        .content
-        .iter()
-        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-        .collect::<Vec<_>>()
-        .join("")
 }
 
 #[tokio::test]

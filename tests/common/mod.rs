@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fault;
+pub mod raw;
 
 use std::sync::Arc;
 
@@ -364,4 +365,80 @@ pub async fn bind() -> tokio::net::TcpListener {
 /// `arguments` of a tool call from a JSON object literal.
 pub fn args(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
     v.as_object().cloned().expect("arguments are an object")
+}
+
+/// Counts that a refused request must not move: catalog rows (servers, endpoints,
+/// installs, pins, credentials, policies), keys, ledger transfers and entries, calls,
+/// and the sum of every wallet.
+pub async fn snapshot(market: &Market) -> Vec<i64> {
+    use sqlx::Row;
+    let pool = market.app.store.pool();
+    let mut out = Vec::new();
+    for q in [
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM servers",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM server_endpoints",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM installs",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM tool_pins",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM server_credentials",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM trust_policies",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM api_keys",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger_transfers",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger_entries",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM calls",
+        "SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM ledger_accounts WHERE kind = 'wallet'",
+    ] {
+        out.push(
+            sqlx::query(q)
+                .fetch_one(pool)
+                .await
+                .expect("snapshot query")
+                .try_get::<i64, _>(0)
+                .expect("a count"),
+        );
+    }
+    out
+}
+
+/// The receipt in a tool result's `_meta`.
+pub fn receipt_of(result: &rmcp::model::CallToolResult) -> mcp_marketplace::billing::Receipt {
+    let meta = result.meta.as_ref().expect("result has _meta");
+    let value = meta
+        .0
+        .get("mcp-marketplace/receipt")
+        .expect("receipt in _meta");
+    serde_json::from_value(value.clone()).expect("receipt parses")
+}
+
+/// `_meta["mcp-marketplace/error"].kind` of a tool result.
+pub fn error_kind(result: &rmcp::model::CallToolResult) -> Option<String> {
+    result
+        .meta
+        .as_ref()?
+        .0
+        .get("mcp-marketplace/error")?
+        .get("kind")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The text content of a tool result, joined.
+pub fn text_of(result: &rmcp::model::CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+/// Waits until `cond` holds, up to 10 s (no sleep-and-hope: polls every 20 ms).
+pub async fn wait_until<F: std::future::Future<Output = bool>>(mut cond: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
