@@ -385,3 +385,248 @@ fn config_file_and_variables_are_read() {
             && String::from_utf8_lossy(&out.stderr).contains("cannot read config file")
     );
 }
+
+fn fails_with(out: &Output, needle: &str) {
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(needle),
+        "expected a failure mentioning '{needle}': {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// The trust layer's commands: two spend limits per key, credentials and secret
+// rotation (creator, over REST; admin, on the database), policies, tool approvals and
+// the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_commands_set_limits_credentials_policies_and_read_the_audit_log() {
+    let market = Market::start(TestDb::new(common::Backend::Sqlite).await).await;
+    let url = market.db.url.clone();
+    let units = spawn_unit_converter(bind().await, SecretSlot::default())
+        .await
+        .unwrap();
+    json_of(&bin(&url, &["accounts", "create", "maker", "--json"]));
+    let k = json_of(&bin(
+        &url,
+        &[
+            "keys",
+            "create",
+            "--account",
+            "maker",
+            "--scopes",
+            "servers:write,invoke",
+            "--spend-limit",
+            "5/day",
+            "--spend-limit",
+            "50.00/month",
+            "--json",
+        ],
+    ));
+    let maker_key = k["key"].as_str().unwrap().to_owned();
+    let listed = json_of(&bin(
+        &url,
+        &["keys", "list", "--account", "maker", "--json"],
+    ));
+    assert_eq!(listed["keys"][0]["daily_limit_micros"], json!(5_000_000));
+    assert_eq!(listed["keys"][0]["monthly_limit_micros"], json!(50_000_000));
+    fails_with(
+        &bin(
+            &url,
+            &[
+                "keys",
+                "create",
+                "--account",
+                "maker",
+                "--spend-limit",
+                "1/day,2/day",
+            ],
+        ),
+        "spend limit",
+    );
+    // Register with a credential; it is never printed back.
+    let remote = [
+        "--marketplace",
+        market.base.as_str(),
+        "--api-key",
+        maker_key.as_str(),
+    ];
+    let mut argv = vec![
+        "register",
+        "--name",
+        "Units",
+        "--slug",
+        "units",
+        "--endpoint",
+        &units.url,
+        "--pricing",
+        "0.01_per_request",
+        "--credential",
+        "X-Api-Key: k-7e2b",
+        "--json",
+    ];
+    argv.extend_from_slice(&remote);
+    let created = json_of(&bin(&url, &argv));
+    assert!(!created.to_string().contains("k-7e2b"));
+    *units.secret.write().unwrap() = Some(created["secret"].as_str().unwrap().to_owned());
+    json_of(&bin(&url, &["servers", "approve", "units", "--json"]));
+    let mut argv = vec!["credentials", "list", "--slug", "units", "--json"];
+    argv.extend_from_slice(&remote);
+    let creds = json_of(&bin(&url, &argv));
+    assert_eq!(creds["headers"][0]["header"], json!("x-api-key"));
+    assert!(!creds.to_string().contains("k-7e2b"));
+    let mut argv = vec![
+        "credentials",
+        "set",
+        "--slug",
+        "units",
+        "--header",
+        "Authorization Bearer x",
+        "--json",
+    ];
+    argv.extend_from_slice(&remote);
+    let out = bin(&url, &argv);
+    fails_with(&out, "Name: value");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("Bearer x"));
+    let mut argv = vec!["credentials", "rotate-secret", "--slug", "units", "--json"];
+    argv.extend_from_slice(&remote);
+    let rotated = json_of(&bin(&url, &argv))["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let admin_rotated = json_of(&bin(&url, &["servers", "rotate-secret", "units", "--json"]));
+    assert_ne!(admin_rotated["secret"].as_str().unwrap(), rotated);
+    // Policies: set, show, refuse what a server cannot set, clear.
+    let set = json_of(&bin(
+        &url,
+        &[
+            "policy",
+            "set",
+            "--server",
+            "units",
+            "--per-account-per-server",
+            "5/min",
+            "--scan",
+            "block",
+            "--max-concurrency",
+            "3",
+            "--redact",
+            "$.email",
+            "--json",
+        ],
+    ));
+    assert_eq!(set["policy"]["per_account_per_server"], json!("5/min"));
+    assert_eq!(set["policy"]["scan"], json!("block"));
+    let shown = json_of(&bin(
+        &url,
+        &["policy", "show", "--server", "units", "--json"],
+    ));
+    assert_eq!(shown["policy"]["max_concurrency"], json!(3));
+    assert_eq!(shown["policy"]["redact"], json!(["$.email"]));
+    fails_with(
+        &bin(
+            &url,
+            &["policy", "set", "--server", "units", "--per-key", "5/min"],
+        ),
+        "cannot set per_key",
+    );
+    fails_with(
+        &bin(
+            &url,
+            &[
+                "policy",
+                "set",
+                "--account",
+                "maker",
+                "--per-account",
+                "5/week",
+            ],
+        ),
+        "invalid rate",
+    );
+    fails_with(
+        &bin(
+            &url,
+            &[
+                "policy",
+                "set",
+                "--key",
+                &k["key_id"].as_str().unwrap()[..],
+                "--redact",
+                "email",
+            ],
+        ),
+        "redaction path",
+    );
+    json_of(&bin(
+        &url,
+        &[
+            "policy",
+            "set",
+            "--account",
+            "maker",
+            "--per-account",
+            "off",
+            "--json",
+        ],
+    ));
+    json_of(&bin(
+        &url,
+        &[
+            "policy",
+            "set",
+            "--key",
+            k["prefix"].as_str().unwrap(),
+            "--per-key",
+            "10/sec",
+            "--json",
+        ],
+    ));
+    let cleared = json_of(&bin(
+        &url,
+        &["policy", "clear", "--server", "units", "--json"],
+    ));
+    assert_eq!(cleared["policy"]["scan"], Value::Null);
+    // Tool approvals: nothing is held back after the first approval.
+    let changes = json_of(&bin(&url, &["servers", "changes", "units", "--json"]));
+    assert_eq!(changes["pending"], json!([]));
+    let approved = json_of(&bin(
+        &url,
+        &["servers", "approve", "units", "--tools", "--json"],
+    ));
+    assert_eq!(approved["approved_tools"], json!([]));
+    // The audit log: who did what.
+    json_of(&bin(
+        &url,
+        &["keys", "revoke", k["prefix"].as_str().unwrap(), "--json"],
+    ));
+    let log = json_of(&bin(&url, &["audit", "--since", "1h", "--json"]));
+    let actions: Vec<&str> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "key.create",
+        "key.revoke",
+        "server.approve",
+        "server.credentials_set",
+        "server.secret_rotate",
+        "policy.set",
+    ] {
+        assert!(
+            actions.contains(&expected),
+            "{expected} missing from {actions:?}"
+        );
+    }
+    let only = json_of(&bin(&url, &["audit", "--action", "key.revoke", "--json"]));
+    assert_eq!(only["entries"].as_array().unwrap().len(), 1);
+    assert!(
+        only["entries"][0]["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("cli:")
+    );
+    assert!(!log.to_string().contains("k-7e2b") && !log.to_string().contains(&rotated));
+    market.stop().await;
+    units.shutdown().await;
+}
