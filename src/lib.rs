@@ -13,8 +13,8 @@
 //! | [`upstream`] | upstream MCP sessions per (account, server), forwarding, tool-list fetches |
 //! | [`billing`] | prices in micros, the two-phase ledger, signed receipts |
 //! | [`auth`] | accounts, API keys and scopes, the Ed25519 signing key and upstream tokens |
-//! | [`security`] | endpoint URL policy |
-//! | [`catalog`] | servers, endpoints, prices, status, cached tools and their namespaced names, installs, `tools-catalog/` manifests |
+//! | [`security`] | the trust layer: SSRF policy and resolver, rate limits, concurrency caps, trust policies, encrypted upstream credentials, response scanning and redaction, the audit log (see `SECURITY.md`) |
+//! | [`catalog`] | servers, endpoints, prices, status, cached tools and their namespaced names, tool pinning, installs, `tools-catalog/` manifests |
 //! | [`store`] | the sqlx pool (SQLite or PostgreSQL), migrations, transactions |
 //! | [`api`] | the REST API (`/api/v1/…`) |
 //! | [`config`] | flags, TOML file and `MCP_MARKETPLACE_*` variables |

@@ -7,7 +7,6 @@ use common::{World, args, backends, snapshot};
 use mcp_marketplace::auth::Scope;
 use rmcp::model::{CallToolRequestParams, ErrorCode};
 use serde_json::{Value, json};
-use sqlx::Row;
 
 use common::raw::INIT;
 

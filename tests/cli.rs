@@ -549,7 +549,7 @@ async fn trust_commands_set_limits_credentials_policies_and_read_the_audit_log()
                 "policy",
                 "set",
                 "--key",
-                &k["key_id"].as_str().unwrap()[..],
+                k["key_id"].as_str().unwrap(),
                 "--redact",
                 "email",
             ],

@@ -11,7 +11,7 @@ use common::{
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::signing::keys_from_jwks;
 use mcp_marketplace::billing::Receipt;
-use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::model::CallToolRequestParams;
 use serde_json::{Value, json};
 
 async fn verify_receipt(base: &str, receipt: &Receipt) {

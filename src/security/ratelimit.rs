@@ -224,8 +224,9 @@ impl Refusal {
     }
 }
 
+/// What one limiter counts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Key {
+enum Counted {
     Key(String),
     Account(String),
     AccountServer(String, String),
@@ -239,7 +240,7 @@ struct Entry {
 
 /// The limiters of this process. Cheap to share (`&self` everywhere).
 pub struct RateLimiter {
-    limiters: DashMap<Key, Entry>,
+    limiters: DashMap<Counted, Entry>,
     clock: DefaultClock,
 }
 
@@ -276,15 +277,15 @@ impl RateLimiter {
         server_id: Option<&str>,
         limits: &Limits,
     ) -> Result<(), Refusal> {
-        self.check_one(Key::Key(key_id.to_owned()), Scope::Key, limits.per_key)?;
+        self.check_one(Counted::Key(key_id.to_owned()), Scope::Key, limits.per_key)?;
         self.check_one(
-            Key::Account(account_id.to_owned()),
+            Counted::Account(account_id.to_owned()),
             Scope::Account,
             limits.per_account,
         )?;
         if let Some(server_id) = server_id {
             self.check_one(
-                Key::AccountServer(account_id.to_owned(), server_id.to_owned()),
+                Counted::AccountServer(account_id.to_owned(), server_id.to_owned()),
                 Scope::AccountServer,
                 limits.per_account_per_server,
             )?;
@@ -292,7 +293,7 @@ impl RateLimiter {
         Ok(())
     }
 
-    fn check_one(&self, key: Key, scope: Scope, rate: Rate) -> Result<(), Refusal> {
+    fn check_one(&self, key: Counted, scope: Scope, rate: Rate) -> Result<(), Refusal> {
         let Some(quota) = rate.quota() else {
             return Ok(());
         };
