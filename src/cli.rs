@@ -22,7 +22,7 @@ use crate::security::audit::{self, Actor};
 use crate::store::Store;
 
 mod trust;
-pub use trust::{AuditArgs, CredentialsCommand, PolicyCommand, PolicySubject};
+pub use trust::{AuditArgs, CredentialsCommand, PolicyCommand, PolicySubject, Remote};
 
 /// One MCP URL for every paid MCP server.
 #[derive(Debug, Parser)]
@@ -231,16 +231,9 @@ pub struct RegisterArgs {
     /// never shown again.
     #[arg(long = "credential")]
     pub credentials: Vec<String>,
-    /// The marketplace's base URL.
-    #[arg(
-        long,
-        env = "MCP_MARKETPLACE_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub marketplace: String,
-    /// A key with scope servers:write.
-    #[arg(long, env = "MCP_MARKETPLACE_API_KEY", hide_env_values = true)]
-    pub api_key: String,
+    /// Where the marketplace is, and the creator's key.
+    #[command(flatten)]
+    pub remote: Remote,
 }
 
 /// `ledger …`
@@ -780,9 +773,9 @@ async fn register(args: &RegisterArgs, j: bool) -> Result<ExitCode, CliError> {
     });
     let value = trust::rest(
         http::Method::POST,
-        &args.marketplace,
+        &args.remote.marketplace,
         "/api/v1/servers",
-        &args.api_key,
+        &args.remote.api_key,
         Some(body),
         "registration",
     )

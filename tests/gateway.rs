@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::fault::{FaultServer, HTTP_500};
+use common::fault::HTTP_500;
 use common::{
     Backend, Market, NOTES_PRICE, TestDb, UNITS_PRICE, World, args, backends, client_at,
-    error_kind, receipt_of, text_of,
+    error_kind, faulty_world, receipt_of, text_of,
 };
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::signing::keys_from_jwks;
@@ -151,35 +151,6 @@ async fn lists_namespaced_tools_calls_them_and_bills_seventy_thirty() {
     }
 }
 
-/// Starts a market with the fault server registered as `faulty` at 0.05 per call.
-async fn faulty_world(
-    backend: Backend,
-) -> (
-    Market,
-    FaultServer,
-    mcp_marketplace::auth::accounts::Account,
-    String,
-) {
-    let market = Market::start(TestDb::new(backend).await).await;
-    let creator = market.account("creator").await;
-    let user = market.account("user").await;
-    let fault = FaultServer::start().await;
-    let secret = market
-        .register(&creator, "faulty", &fault.url, "0.05_per_request")
-        .await;
-    *fault.secret.write().unwrap() = Some(secret);
-    market.app.approve("faulty").await.expect("approve");
-    market.app.install(&user.id, "faulty").await.unwrap();
-    market
-        .app
-        .ledger
-        .topup(&user.id, 1_000_000, "test")
-        .await
-        .unwrap();
-    let key = market.key("user", &[Scope::Invoke]).await;
-    (market, fault, user, key)
-}
-
 #[tokio::test]
 async fn failures_are_refunded_with_the_right_kind() {
     for backend in backends() {
@@ -256,22 +227,7 @@ async fn oversize_upstream_responses_are_refused_and_refunded() {
     for backend in backends() {
         let market_db = TestDb::new(backend).await;
         let market = Market::start_with(market_db, |c| c.max_response_bytes = 64 * 1024).await;
-        let creator = market.account("creator").await;
-        let user = market.account("user").await;
-        let fault = FaultServer::start().await;
-        let secret = market
-            .register(&creator, "faulty", &fault.url, "0.05_per_request")
-            .await;
-        *fault.secret.write().unwrap() = Some(secret);
-        market.app.approve("faulty").await.unwrap();
-        market.app.install(&user.id, "faulty").await.unwrap();
-        market
-            .app
-            .ledger
-            .topup(&user.id, 100_000, "test")
-            .await
-            .unwrap();
-        let key = market.key("user", &[Scope::Invoke]).await;
+        let (market, fault, user, key) = common::with_faulty(market).await;
         let client = market.client(&key).await;
         let r = client
             .call_tool(
@@ -281,7 +237,7 @@ async fn oversize_upstream_responses_are_refused_and_refunded() {
             .await
             .unwrap();
         assert_eq!(error_kind(&r).as_deref(), Some("response_too_large"));
-        assert_eq!(market.balance(&user).await.wallet_micros, 100_000);
+        assert_eq!(market.balance(&user).await.wallet_micros, 1_000_000);
         market.assert_ledger_ok().await;
         client.cancel().await.ok();
         market.stop().await;

@@ -8,11 +8,8 @@ mod common;
 
 use std::sync::Arc;
 
-use common::fault::FaultServer;
 use common::raw::RawSession;
-use common::{
-    Backend, Market, TestDb, UNITS_PRICE, World, backends, error_kind, receipt_of, wait_until,
-};
+use common::{Backend, Market, UNITS_PRICE, World, backends, error_kind, receipt_of, wait_until};
 use futures::future::BoxFuture;
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::keys::{NewKey, create_key};
@@ -127,18 +124,16 @@ async fn overrides_and_plans_set_the_rate() {
     let m = &w.market;
     let units = m.app.catalog.get("units").await.unwrap();
     // A server override: 1 call per minute per account.
-    m.app
-        .policies
-        .set(
-            SubjectKind::Server,
-            &units.id,
-            &Policy {
-                per_account_per_server: Some(Rate::per(1, Period::Minute)),
-                ..Policy::default()
-            },
-        )
-        .await
-        .unwrap();
+    common::set_policy(
+        m,
+        SubjectKind::Server,
+        &units.id,
+        Policy {
+            per_account_per_server: Some(Rate::per(1, Period::Minute)),
+            ..Policy::default()
+        },
+    )
+    .await;
     let s = RawSession::open(&m.mcp_url(), &w.key).await;
     assert_eq!(
         s.call(1, "units__convert", convert_args()).await.status,
@@ -149,18 +144,16 @@ async fn overrides_and_plans_set_the_rate() {
         429
     );
     // The account's own override wins over the server's: off.
-    m.app
-        .policies
-        .set(
-            SubjectKind::Account,
-            &w.user.id,
-            &Policy {
-                per_account_per_server: Some(Rate::Off),
-                ..Policy::default()
-            },
-        )
-        .await
-        .unwrap();
+    common::set_policy(
+        m,
+        SubjectKind::Account,
+        &w.user.id,
+        Policy {
+            per_account_per_server: Some(Rate::Off),
+            ..Policy::default()
+        },
+    )
+    .await;
     for i in 0..5 {
         assert_eq!(
             s.call(10 + i, "units__convert", convert_args())
@@ -180,18 +173,16 @@ async fn overrides_and_plans_set_the_rate() {
     )
     .await
     .unwrap();
-    m.app
-        .policies
-        .set(
-            SubjectKind::Key,
-            &record.key_id,
-            &Policy {
-                per_key: Some(Rate::per(2, Period::Minute)),
-                ..Policy::default()
-            },
-        )
-        .await
-        .unwrap();
+    common::set_policy(
+        m,
+        SubjectKind::Key,
+        &record.key_id,
+        Policy {
+            per_key: Some(Rate::per(2, Period::Minute)),
+            ..Policy::default()
+        },
+    )
+    .await;
     let k = RawSession::open(&m.mcp_url(), &key).await;
     assert_eq!(
         k.call(1, "units__convert", convert_args()).await.status,
@@ -336,36 +327,18 @@ async fn spend_limits_per_day_and_month_hold_under_concurrency() {
 #[tokio::test]
 async fn the_concurrency_cap_refuses_without_charging() {
     for backend in backends() {
-        let market = Market::start(TestDb::new(backend).await).await;
-        let creator = market.account("creator").await;
-        let user = market.account("user").await;
-        let fault = FaultServer::start().await;
-        market
-            .register(&creator, "faulty", &fault.url, "0.05_per_request")
-            .await;
-        market.app.approve("faulty").await.unwrap();
-        market.app.install(&user.id, "faulty").await.unwrap();
-        market
-            .app
-            .ledger
-            .topup(&user.id, 1_000_000, "test")
-            .await
-            .unwrap();
+        let (market, fault, user, key) = common::faulty_world(backend).await;
         let server = market.app.catalog.get("faulty").await.unwrap();
-        market
-            .app
-            .policies
-            .set(
-                SubjectKind::Server,
-                &server.id,
-                &Policy {
-                    max_concurrency: Some(2),
-                    ..Policy::default()
-                },
-            )
-            .await
-            .unwrap();
-        let key = market.key("user", &[Scope::Invoke]).await;
+        common::set_policy(
+            &market,
+            SubjectKind::Server,
+            &server.id,
+            Policy {
+                max_concurrency: Some(2),
+                ..Policy::default()
+            },
+        )
+        .await;
         let s = Arc::new(RawSession::open(&market.mcp_url(), &key).await);
         let slow: Vec<_> = (0..2)
             .map(|i| {

@@ -10,10 +10,9 @@ mod common;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::fault::{FaultServer, HTTP_500};
+use common::backends;
+use common::fault::HTTP_500;
 use common::raw::RawSession;
-use common::{Market, TestDb, backends};
-use mcp_marketplace::auth::Scope;
 use mcp_marketplace::security::audit::Actor;
 use serde_json::json;
 
@@ -42,24 +41,8 @@ async fn credentials_and_secrets_never_appear_in_logs() {
     let credential = "Bearer s3cr3t-credential-4f9a";
     let mut secrets = vec![credential.to_owned()];
     for backend in backends() {
-        let market = Market::start(TestDb::new(backend).await).await;
-        let creator = market.account("creator").await;
-        let user = market.account("user").await;
-        let fault = FaultServer::start().await;
-        secrets.push(
-            market
-                .register(&creator, "faulty", &fault.url, "0.05_per_request")
-                .await,
-        );
-        market.app.approve("faulty").await.unwrap();
-        market.app.install(&user.id, "faulty").await.unwrap();
-        market
-            .app
-            .ledger
-            .topup(&user.id, 1_000_000, "test")
-            .await
-            .unwrap();
-        let key = market.key("user", &[Scope::Invoke]).await;
+        let (market, fault, _, key) = common::faulty_world(backend).await;
+        secrets.push(fault.secret.read().unwrap().clone().unwrap());
         let actor = Actor::Cli("admin".into());
         market
             .app

@@ -8,7 +8,7 @@ mod common;
 
 use common::fault::FaultServer;
 use common::raw::RawSession;
-use common::{Backend, Market, TestDb, backends, text_of};
+use common::{Backend, Market, backends, text_of};
 use mcp_marketplace::api::{Access, ROUTES};
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::gateway::tools::marketplace_tools;
@@ -18,27 +18,9 @@ use mcp_marketplace::security::scan::ScanMode;
 use rmcp::model::CallToolRequestParams;
 use serde_json::{Value, json};
 
-/// A market with the fault server registered as `faulty` (0.05 per call), approved and
-/// installed for `user`, who holds 1 USD; returns the user's key and the creator's.
+/// The fault world plus a key of the creator (servers:write, catalog:read).
 async fn faulty(backend: Backend) -> (Market, FaultServer, String, String) {
-    let market = Market::start(TestDb::new(backend).await).await;
-    let creator = market.account("creator").await;
-    let user = market.account("user").await;
-    let fault = FaultServer::start().await;
-    market
-        .register(&creator, "faulty", &fault.url, "0.05_per_request")
-        .await;
-    market.app.approve("faulty").await.expect("approve");
-    market.app.install(&user.id, "faulty").await.unwrap();
-    market
-        .app
-        .ledger
-        .topup(&user.id, 1_000_000, "test")
-        .await
-        .unwrap();
-    let key = market
-        .key("user", &[Scope::Invoke, Scope::CatalogRead])
-        .await;
+    let (market, fault, _, key) = common::faulty_world(backend).await;
     let creator_key = market
         .key("creator", &[Scope::ServersWrite, Scope::CatalogRead])
         .await;
@@ -381,19 +363,16 @@ async fn scanning_flags_or_blocks_and_redaction_removes_paths() {
         let charged = market.balance(&user).await.wallet_micros;
         assert_eq!(charged, 1_000_000 - 50_000);
         // Block (the server's policy): blocked_content, refunded, audited; on both endpoints.
-        market
-            .app
-            .policies
-            .set(
-                SubjectKind::Server,
-                &server.id,
-                &Policy {
-                    scan: Some(ScanMode::Block),
-                    ..Policy::default()
-                },
-            )
-            .await
-            .unwrap();
+        common::set_policy(
+            &market,
+            SubjectKind::Server,
+            &server.id,
+            Policy {
+                scan: Some(ScanMode::Block),
+                ..Policy::default()
+            },
+        )
+        .await;
         let leaked = format!("here: AKIA{}", "ABCDEFGHIJKLMNOP");
         for (url, name, text) in [
             (market.mcp_url(), "faulty__echo", injection.to_owned()),
@@ -445,19 +424,16 @@ async fn scanning_flags_or_blocks_and_redaction_removes_paths() {
         assert_eq!(blocked.len(), 4);
         assert!(!serde_json::to_string(&blocked).unwrap().contains("AKIA"));
         // An account that asks for `off` still gets the server's block (strictest wins)…
-        market
-            .app
-            .policies
-            .set(
-                SubjectKind::Account,
-                &user.id,
-                &Policy {
-                    scan: Some(ScanMode::Off),
-                    ..Policy::default()
-                },
-            )
-            .await
-            .unwrap();
+        common::set_policy(
+            &market,
+            SubjectKind::Account,
+            &user.id,
+            Policy {
+                scan: Some(ScanMode::Off),
+                ..Policy::default()
+            },
+        )
+        .await;
         let a = s.call(3, "faulty__echo", json!({"text": injection})).await;
         assert_eq!(a.tool_error_kind().as_deref(), Some("blocked_content"));
         // …and clean results pass untouched.
@@ -470,19 +446,16 @@ async fn scanning_flags_or_blocks_and_redaction_removes_paths() {
                 .is_none()
         );
         // Redaction: the server's paths and the key's, from structured and JSON text.
-        market
-            .app
-            .policies
-            .set(
-                SubjectKind::Server,
-                &server.id,
-                &Policy {
-                    redact: vec!["$.email".into()],
-                    ..Policy::default()
-                },
-            )
-            .await
-            .unwrap();
+        common::set_policy(
+            &market,
+            SubjectKind::Server,
+            &server.id,
+            Policy {
+                redact: vec!["$.email".into()],
+                ..Policy::default()
+            },
+        )
+        .await;
         let (record, redacting_key) = mcp_marketplace::auth::keys::create_key(
             &market.app.store,
             "user",
@@ -493,19 +466,16 @@ async fn scanning_flags_or_blocks_and_redaction_removes_paths() {
         )
         .await
         .unwrap();
-        market
-            .app
-            .policies
-            .set(
-                SubjectKind::Key,
-                &record.key_id,
-                &Policy {
-                    redact: vec!["$.users[*].ssn".into()],
-                    ..Policy::default()
-                },
-            )
-            .await
-            .unwrap();
+        common::set_policy(
+            &market,
+            SubjectKind::Key,
+            &record.key_id,
+            Policy {
+                redact: vec!["$.users[*].ssn".into()],
+                ..Policy::default()
+            },
+        )
+        .await;
         let value =
             json!({"email": "a@b.c", "name": "A", "users": [{"ssn": "123-45-6789", "id": 1}]});
         let s = RawSession::open(

@@ -24,7 +24,7 @@ pub struct Remote {
         default_value = "http://127.0.0.1:8080"
     )]
     pub marketplace: String,
-    /// A key with scope servers:write (the server's owner's).
+    /// A key with scope servers:write (for credentials: the server's owner's).
     #[arg(long, env = "MCP_MARKETPLACE_API_KEY", hide_env_values = true)]
     pub api_key: String,
 }

@@ -442,3 +442,48 @@ pub async fn wait_until<F: std::future::Future<Output = bool>>(mut cond: impl Fn
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A market with the fault server (`fault::FaultServer`) registered as `faulty` at
+/// 0.05 per call by `creator`, approved, installed for `user` who holds 1 USD; returns
+/// the market, the server, the user and the user's key (invoke, catalog:read).
+pub async fn faulty_world(backend: Backend) -> (Market, fault::FaultServer, Account, String) {
+    with_faulty(Market::start(TestDb::new(backend).await).await).await
+}
+
+/// As [`faulty_world`] on an already started `market`.
+pub async fn with_faulty(market: Market) -> (Market, fault::FaultServer, Account, String) {
+    let creator = market.account("creator").await;
+    let user = market.account("user").await;
+    let fault = fault::FaultServer::start().await;
+    let secret = market
+        .register(&creator, "faulty", &fault.url, "0.05_per_request")
+        .await;
+    *fault.secret.write().unwrap() = Some(secret);
+    market.app.approve("faulty").await.expect("approve");
+    market.app.install(&user.id, "faulty").await.unwrap();
+    market
+        .app
+        .ledger
+        .topup(&user.id, 1_000_000, "test")
+        .await
+        .unwrap();
+    let key = market
+        .key("user", &[Scope::Invoke, Scope::CatalogRead])
+        .await;
+    (market, fault, user, key)
+}
+
+/// Sets the trust policy of one subject.
+pub async fn set_policy(
+    market: &Market,
+    kind: mcp_marketplace::security::policy::SubjectKind,
+    id: &str,
+    policy: mcp_marketplace::security::policy::Policy,
+) {
+    market
+        .app
+        .policies
+        .set(kind, id, &policy)
+        .await
+        .expect("policy set");
+}
