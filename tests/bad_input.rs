@@ -121,7 +121,6 @@ async fn mcp_endpoint_refuses_bad_requests_cleanly() {
 #[tokio::test]
 async fn unknown_and_forbidden_tools_answer_alike() {
     let w = World::start(common::Backend::Sqlite, 100_000).await;
-    let before = snapshot(&w.market).await;
     // A key that may only use notes tools, and one without `invoke`.
     let (_, notes_only) = mcp_marketplace::auth::keys::create_key(
         &w.market.app.store,
@@ -135,6 +134,7 @@ async fn unknown_and_forbidden_tools_answer_alike() {
     .await
     .unwrap();
     let read_only = w.market.key("user", &[Scope::CatalogRead]).await;
+    let before = snapshot(&w.market).await;
 
     let cases = [
         (&w.key, "nope__nothing"),
