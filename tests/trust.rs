@@ -27,6 +27,20 @@ async fn faulty(backend: Backend) -> (Market, FaultServer, String, String) {
     (market, fault, key, creator_key)
 }
 
+/// The audit entries of `action`, newest first.
+async fn audit_of(market: &Market, action: &str) -> Vec<audit::AuditEntry> {
+    audit::read(
+        &market.app.store,
+        &AuditQuery {
+            action: Some(action.into()),
+            limit: 100,
+            ..AuditQuery::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 async fn names(market: &Market, key: &str, path: &str) -> Vec<String> {
     let client = common::client_at(&format!("{}{path}", market.base), key).await;
     let names = client
@@ -172,16 +186,7 @@ async fn changed_and_new_tools_are_held_back_until_re_approved() {
                 .unwrap()
                 .is_empty()
         );
-        let log = audit::read(
-            &market.app.store,
-            &AuditQuery {
-                action: Some("server.approve_tools".into()),
-                limit: 10,
-                ..AuditQuery::default()
-            },
-        )
-        .await
-        .unwrap();
+        let log = audit_of(&market, "server.approve_tools").await;
         assert_eq!(log.len(), 2);
         assert_eq!(log[0].actor, "cli:admin");
         market.stop().await;
@@ -411,16 +416,7 @@ async fn scanning_flags_or_blocks_and_redaction_removes_paths() {
             charged,
             "blocked calls are refunded"
         );
-        let blocked = audit::read(
-            &market.app.store,
-            &AuditQuery {
-                action: Some("call.blocked".into()),
-                limit: 10,
-                ..AuditQuery::default()
-            },
-        )
-        .await
-        .unwrap();
+        let blocked = audit_of(&market, "call.blocked").await;
         assert_eq!(blocked.len(), 4);
         assert!(!serde_json::to_string(&blocked).unwrap().contains("AKIA"));
         // An account that asks for `off` still gets the server's block (strictest wins)…
