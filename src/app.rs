@@ -1,7 +1,7 @@
 //! The composition root: [`App`] holds every domain service, serves the HTTP router
-//! ([`App::serve`]) and runs the background tasks (hold sweep, tool-list TTL refresh and
-//! list-changed watches, idle upstream session reaper), all children of one
-//! cancellation token and awaited on shutdown.
+//! ([`App::serve`]) and runs the background tasks (hold sweep and plan renewals, tool-list
+//! TTL refresh and list-changed watches, idle upstream session reaper), all children of
+//! one cancellation token and awaited on shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,8 +116,9 @@ pub struct App {
 }
 
 impl App {
-    /// Connects the store (migrating it), loads or makes the signing key, and refunds
-    /// holds left by a previous process (the sweep at start).
+    /// Connects the store (migrating it), loads or makes the signing key, refunds holds
+    /// left by a previous process (the sweep at start), and books this month's plan fees
+    /// and included credits that are due.
     ///
     /// # Errors
     /// [`AppError::Store`], [`AppError::Signing`], [`AppError::Upstream`].
@@ -134,7 +135,7 @@ impl App {
         let vault = Vault::load(&config.master_key)?;
         vault.check(&store).await?;
         let signer = Signer::load_or_create(&store).await?;
-        let ledger = Ledger::new(store.clone());
+        let ledger = Ledger::new(store.clone()).with_plans(config.billing.plans.clone());
         let swept = ledger.sweep_expired_holds(now_ms()).await?;
         if swept > 0 {
             tracing::warn!(swept, "refunded holds left by an earlier process");
@@ -149,6 +150,13 @@ impl App {
             None => Arc::new(SystemLookup::new()),
         };
         let policy = EndpointPolicy::new(config.allow_upstream_hosts.clone(), lookup);
+        let renewed = ledger.renew_subscriptions().await?;
+        if renewed > 0 {
+            tracing::info!(
+                renewed,
+                "booked this month's plan fees and included credits"
+            );
+        }
         let (refresh_tx, refresh_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             upstreams: Upstreams::new(
@@ -579,6 +587,12 @@ impl App {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(refunded = n, "hold sweep refunded abandoned calls"),
                     Err(e) => tracing::error!(error = %e, "hold sweep failed"),
+                }
+                // A new month, or a plan change that took effect: book its fee and credits.
+                match app.ledger.renew_subscriptions().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(renewed = n, "booked plan fees and included credits"),
+                    Err(e) => tracing::error!(error = %e, "plan renewal failed"),
                 }
             }
         });

@@ -15,8 +15,13 @@ use crate::auth::accounts::{create_account, find_account};
 use crate::auth::keys::{
     NewKey, create_key, list_keys, parse_allow_tools, parse_scopes, parse_spend_limit, revoke_key,
 };
+use crate::billing::invoices::InvoiceFormat;
+use crate::billing::payouts::PayoutMethod;
+use crate::billing::period::{InvalidMonth, parse_instant, rfc3339};
+use crate::billing::plans::Plan;
 use crate::billing::pricing::{MAX_GRANT_MICROS, format_pricing, format_usd, parse_usd};
-use crate::billing::{Ledger, Receipt};
+use crate::billing::usage::{MAX_PAGE_SIZE, UsageQuery};
+use crate::billing::{BillingError, Ledger, Month, Receipt};
 use crate::config::{Config, Overrides};
 use crate::security::audit::{self, Actor};
 use crate::store::Store;
@@ -77,6 +82,9 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Read the audit log.
     Audit(AuditArgs),
+    /// Plans, usage, invoices, month close, payouts, alerts.
+    #[command(subcommand)]
+    Billing(BillingCommand),
 }
 
 /// Flags of `serve` and `demo`.
@@ -269,6 +277,115 @@ pub enum ReceiptCommand {
     },
 }
 
+/// `billing …`
+#[derive(Debug, Subcommand)]
+pub enum BillingCommand {
+    /// Plans: list them, show or change an account's plan.
+    #[command(subcommand)]
+    Plans(PlansCommand),
+    /// Book the plan fees and included credits that are due (a running server does this
+    /// every sweep interval).
+    Renew,
+    /// Export an account's usage log (every call: times, outcome, price, bytes).
+    Usage {
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// A UTC month, YYYY-MM.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        month: Option<String>,
+        /// Calls made at or after (RFC 3339, a day or a month).
+        #[arg(long)]
+        from: Option<String>,
+        /// Calls made before.
+        #[arg(long)]
+        to: Option<String>,
+        /// csv (default) or json.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// An account's invoice for a month (the stored one once the month is closed, else a draft).
+    Invoice {
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// A UTC month, YYYY-MM.
+        #[arg(long)]
+        month: String,
+        /// json (default), csv or html.
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Close a month: store every account's invoice, once.
+    Close {
+        /// A UTC month, YYYY-MM, that has ended.
+        #[arg(long)]
+        month: String,
+    },
+    /// Pay creators for a closed month and write the PayPal and Stripe batch files.
+    Payouts {
+        /// A closed month, YYYY-MM.
+        #[arg(long)]
+        month: String,
+        /// Where to write payouts-MONTH-paypal.csv and payouts-MONTH-stripe.csv.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+    /// Where a creator's payouts go.
+    Payee {
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// A PayPal email.
+        #[arg(long, conflicts_with = "stripe", required_unless_present = "stripe")]
+        paypal: Option<String>,
+        /// A Stripe connected account id (acct_…).
+        #[arg(long)]
+        stripe: Option<String>,
+    },
+    /// An account's low-balance alert threshold.
+    LowBalance {
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// USD, e.g. 5.00, or off.
+        #[arg(long)]
+        threshold: String,
+    },
+}
+
+/// `billing plans …`
+#[derive(Debug, Subcommand)]
+pub enum PlansCommand {
+    /// The configured plans.
+    List,
+    /// An account's plan now, and its plan history.
+    Show {
+        /// The account.
+        #[arg(long)]
+        account: String,
+    },
+    /// Put an account on a plan, now or from a later time.
+    Set {
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// The plan id (see `billing plans list`).
+        #[arg(long)]
+        plan: String,
+        /// When it takes effect: RFC 3339, a day (00:00 UTC) or a month (its first
+        /// instant); default now.
+        #[arg(long)]
+        from: Option<String>,
+    },
+}
+
 /// A failed command.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -412,6 +529,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             trust::audit(&store, args, j).await
         }
         Command::Ledger(cmd) => ledger(&cli, cmd, j).await,
+        Command::Billing(cmd) => billing(&cli, cmd, j).await,
         Command::Receipt(ReceiptCommand::Verify { file, jwks }) => {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
@@ -788,5 +906,351 @@ async fn register(args: &RegisterArgs, j: bool) -> Result<ExitCode, CliError> {
             value["secret"].as_str().unwrap_or("")
         )
     });
+    Ok(ExitCode::SUCCESS)
+}
+
+fn month_arg(text: &str) -> Result<Month, CliError> {
+    text.parse()
+        .map_err(|e: InvalidMonth| CliError::Usage(e.to_string()))
+}
+
+fn write_or_print(out: Option<&PathBuf>, text: &str) -> Result<(), CliError> {
+    match out {
+        Some(path) => std::fs::write(path, text)
+            .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", path.display()))),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn plan_json(p: &Plan) -> serde_json::Value {
+    json!({"id": p.id, "name": p.name, "monthly_fee_micros": p.monthly_fee_micros,
+           "included_credits_micros": p.included_credits_micros, "monthly_calls": p.monthly_calls,
+           "rate_limits": p.rate_limits})
+}
+
+async fn billing(cli: &Cli, cmd: &BillingCommand, j: bool) -> Result<ExitCode, CliError> {
+    let config = config(cli, None)?;
+    let store = Store::connect(&config.database_url)
+        .await
+        .map_err(|e| CliError::App(e.into()))?;
+    let ledger = Ledger::new(store.clone()).with_plans(config.billing.plans.clone());
+    let account = |name: &String| {
+        let store = store.clone();
+        let name = name.clone();
+        async move {
+            find_account(&store, &name)
+                .await
+                .map_err(|e| CliError::App(e.into()))
+        }
+    };
+    let billing_err = |e: BillingError| CliError::App(e.into());
+    match cmd {
+        BillingCommand::Plans(PlansCommand::List) => {
+            let plans: Vec<_> = ledger.plans().iter().collect();
+            let default = ledger.plans().default_plan().id.clone();
+            print(
+                j,
+                json!({"default_plan": default, "plans": plans.iter().map(|p| plan_json(p)).collect::<Vec<_>>()}),
+                || {
+                    plans
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{:<12} {:<12} ${}/month, ${} included, {} calls/month{}",
+                                p.id,
+                                p.name,
+                                format_usd(p.monthly_fee_micros),
+                                format_usd(p.included_credits_micros),
+                                p.monthly_calls
+                                    .map_or("unlimited".to_owned(), |c| c.to_string()),
+                                if p.id == default { "  (default)" } else { "" }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        BillingCommand::Plans(PlansCommand::Show { account: name }) => {
+            let a = account(name).await?;
+            let current = ledger.current_plan(&a.id).await.map_err(billing_err)?;
+            let history = ledger.plan_history(&a.id).await.map_err(billing_err)?;
+            print(
+                j,
+                json!({"account": a.name, "plan": plan_json(&current.plan),
+                       "since": (current.effective_at > 0).then(|| rfc3339(current.effective_at)),
+                       "history": history.iter().map(|h| json!({"plan": h.plan, "from": rfc3339(h.effective_at), "reason": h.reason})).collect::<Vec<_>>()}),
+                || {
+                    let mut text = format!("{} is on the {} plan", a.name, current.plan.name);
+                    for h in &history {
+                        text.push_str(&format!(
+                            "\n  from {}: {} ({})",
+                            rfc3339(h.effective_at),
+                            h.plan,
+                            h.reason
+                        ));
+                    }
+                    text
+                },
+            );
+        }
+        BillingCommand::Plans(PlansCommand::Set {
+            account: name,
+            plan,
+            from,
+        }) => {
+            let a = account(name).await?;
+            let from = from
+                .as_deref()
+                .map(parse_instant)
+                .transpose()
+                .map_err(CliError::Usage)?;
+            let change = ledger
+                .change_plan(&a.id, plan, from)
+                .await
+                .map_err(billing_err)?;
+            print(
+                j,
+                json!({"account": a.name, "plan": change.plan, "effective_at": rfc3339(change.effective_at),
+                       "booked": change.booked}),
+                || match &change.booked {
+                    Some(b) => format!(
+                        "{} is on the {} plan from now: charged ${}, granted ${} of included credits",
+                        a.name,
+                        change.plan,
+                        format_usd(b.fee_micros),
+                        format_usd(b.credits_micros)
+                    ),
+                    None => format!(
+                        "{} moves to the {} plan at {}",
+                        a.name,
+                        change.plan,
+                        rfc3339(change.effective_at)
+                    ),
+                },
+            );
+        }
+        BillingCommand::Renew => {
+            let n = ledger.renew_subscriptions().await.map_err(billing_err)?;
+            print(j, json!({"booked": n}), || {
+                format!("booked {n} plan periods")
+            });
+        }
+        BillingCommand::Usage {
+            account: name,
+            month,
+            from,
+            to,
+            format,
+            out,
+        } => {
+            let a = account(name).await?;
+            let (mut from_ms, mut to_ms) = (None, None);
+            if let Some(m) = month {
+                let m = month_arg(m)?;
+                (from_ms, to_ms) = (Some(m.start_ms()), Some(m.end_ms()));
+            }
+            if let Some(f) = from {
+                from_ms = Some(parse_instant(f).map_err(CliError::Usage)?);
+            }
+            if let Some(t) = to {
+                to_ms = Some(parse_instant(t).map_err(CliError::Usage)?);
+            }
+            let csv = match format.as_str() {
+                "csv" => true,
+                "json" => false,
+                _ => return Err(CliError::Usage("--format is csv or json".into())),
+            };
+            let mut query = UsageQuery {
+                account_id: a.id.clone(),
+                from: from_ms,
+                to: to_ms,
+                limit: MAX_PAGE_SIZE,
+                ..UsageQuery::default()
+            };
+            let mut calls = Vec::new();
+            loop {
+                let page = crate::billing::usage::list(&store, &query)
+                    .await
+                    .map_err(billing_err)?;
+                calls.extend(page.calls);
+                match page.next_cursor {
+                    Some(c) => query.cursor = Some(c),
+                    None => break,
+                }
+            }
+            let text = if csv && !j {
+                crate::billing::usage::to_csv(&calls, true)
+            } else {
+                format!("{}\n", json!({"account": a.name, "calls": calls}))
+            };
+            write_or_print(out.as_ref(), &text)?;
+            if out.is_some() {
+                eprintln!("wrote {} calls", calls.len());
+            }
+        }
+        BillingCommand::Invoice {
+            account: name,
+            month,
+            format,
+            out,
+        } => {
+            let a = account(name).await?;
+            let month = month_arg(month)?;
+            let format: InvoiceFormat = if j {
+                InvoiceFormat::Json
+            } else {
+                format.parse().map_err(billing_err)?
+            };
+            let Some((inv, rendered)) = crate::billing::invoices::invoice(&ledger, &a.id, month)
+                .await
+                .map_err(billing_err)?
+            else {
+                return Err(CliError::Usage(format!(
+                    "{} has no invoice for {month}: nothing happened on the account that month",
+                    a.name
+                )));
+            };
+            if inv.status == "draft" {
+                eprintln!(
+                    "note: {month} is not closed; this is a draft (run `billing close --month {month}` after the month ends)"
+                );
+            }
+            write_or_print(out.as_ref(), rendered.get(format))?;
+        }
+        BillingCommand::Close { month } => {
+            let month = month_arg(month)?;
+            let report = crate::billing::invoices::close_month(&ledger, month)
+                .await
+                .map_err(billing_err)?;
+            print(j, serde_json::to_value(&report).unwrap_or_default(), || {
+                if report.already_closed {
+                    format!(
+                        "{} was closed already at {} ({} invoices); nothing changed",
+                        report.month, report.closed_at, report.invoices
+                    )
+                } else {
+                    format!(
+                        "closed {}: {} invoices stored",
+                        report.month, report.invoices
+                    )
+                }
+            });
+        }
+        BillingCommand::Payouts { month, out_dir } => {
+            let month = month_arg(month)?;
+            let run = crate::billing::payouts::run(
+                &ledger,
+                month,
+                config.billing.payout_threshold_micros,
+            )
+            .await
+            .map_err(billing_err)?;
+            let mut files = Vec::new();
+            for (provider, text) in [
+                (
+                    "paypal",
+                    crate::billing::payouts::paypal_csv(month, &run.payouts),
+                ),
+                (
+                    "stripe",
+                    crate::billing::payouts::stripe_csv(month, &run.payouts),
+                ),
+            ] {
+                let path = out_dir.join(format!("payouts-{month}-{provider}.csv"));
+                write_or_print(Some(&path), &text)?;
+                files.push(path.display().to_string());
+            }
+            let mut value = serde_json::to_value(&run).unwrap_or_default();
+            value["files"] = json!(files);
+            print(j, value, || {
+                let mut text = format!(
+                    "{month}: paid ${} ({} new payouts), carried ${} forward",
+                    format_usd(run.paid_micros),
+                    run.new_payouts,
+                    format_usd(run.carried_micros)
+                );
+                for p in &run.payouts {
+                    text.push_str(&format!(
+                        "\n  {:<24} {:<5} ${:<12} carried ${}{}",
+                        p.account,
+                        p.status,
+                        format_usd(p.amount_micros),
+                        format_usd(p.carried_out_micros),
+                        if p.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", p.reason)
+                        }
+                    ));
+                }
+                text.push_str(&format!("\nbatch files: {}", files.join(", ")));
+                if run.new_payouts == 0 && run.paid_micros > 0 {
+                    text.push_str("\nno new payouts: these files are the ones written before; do not upload them again");
+                }
+                text
+            });
+        }
+        BillingCommand::Payee {
+            account: name,
+            paypal,
+            stripe,
+        } => {
+            let a = account(name).await?;
+            let (method, destination) = match (paypal, stripe) {
+                (Some(p), _) => (PayoutMethod::Paypal, p),
+                (None, Some(s)) => (PayoutMethod::Stripe, s),
+                (None, None) => return Err(CliError::Usage("give --paypal or --stripe".into())),
+            };
+            crate::billing::payouts::set_payee(&ledger, &a.id, method, destination)
+                .await
+                .map_err(billing_err)?;
+            print(
+                j,
+                json!({"account": a.name, "method": method.as_str(), "destination": destination.trim()}),
+                || {
+                    format!(
+                        "{} is paid by {} to {}",
+                        a.name,
+                        method.as_str(),
+                        destination.trim()
+                    )
+                },
+            );
+        }
+        BillingCommand::LowBalance {
+            account: name,
+            threshold,
+        } => {
+            let a = account(name).await?;
+            let micros = if threshold.eq_ignore_ascii_case("off") {
+                None
+            } else {
+                Some(
+                    parse_usd(threshold, MAX_GRANT_MICROS)
+                        .map_err(|e| CliError::Usage(e.to_string()))?,
+                )
+            };
+            ledger
+                .set_low_balance(&a.id, micros)
+                .await
+                .map_err(billing_err)?;
+            print(
+                j,
+                json!({"account": a.name, "low_balance_threshold_micros": micros}),
+                || match micros {
+                    Some(m) => format!(
+                        "{} is alerted when its wallet drops below ${}",
+                        a.name,
+                        format_usd(m)
+                    ),
+                    None => format!("{} has no low-balance alert", a.name),
+                },
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

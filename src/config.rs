@@ -3,11 +3,15 @@
 //! file over the defaults here. Every file key is also a variable: `key` is
 //! `MCP_MARKETPLACE_KEY`, `[section] key` is `MCP_MARKETPLACE_SECTION__KEY`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::billing::plans::{PlanBook, PlanFile, UsdSetting};
 use crate::billing::pricing::DEFAULT_PLATFORM_FEE_BPS;
+use crate::billing::stripe::WebhookSecret;
+use crate::billing::{BillingConfig, DEFAULT_PAYOUT_THRESHOLD_MICROS};
 use crate::security::ratelimit::{Limits, Rate};
 use crate::security::scan::ScanMode;
 use crate::security::ssrf::Lookup;
@@ -81,6 +85,15 @@ pub struct FileConfig {
     /// The master key file (created 0600 on first start). `MCP_MARKETPLACE_MASTER_KEY`
     /// wins over it.
     pub master_key_file: Option<String>,
+    /// `[billing]`.
+    #[serde(default)]
+    pub billing: BillingFile,
+    /// `[plans.ID]`, overlaying the built-in Free, Pro and Enterprise plans.
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanFile>,
+    /// `[stripe]`.
+    #[serde(default)]
+    pub stripe: StripeFile,
 }
 
 /// The `[rate_limits]` section: `"N/sec"`, `"N/min"`, `"N/hour"` or `"off"` each.
@@ -99,6 +112,34 @@ pub struct RateLimitsFile {
 pub struct ScanningFile {
     /// `off`, `flag` (default) or `block`.
     pub mode: Option<String>,
+}
+
+/// `[billing]` in a config file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct BillingFile {
+    /// The plan of accounts without one (default `free`).
+    pub default_plan: Option<String>,
+    /// Payouts below this USD amount are carried forward (default `10.00`).
+    pub payout_threshold: Option<UsdSetting>,
+}
+
+/// `[stripe]` in a config file.
+#[derive(Clone, Default, serde::Deserialize)]
+pub struct StripeFile {
+    /// The webhook endpoint's signing secret (`whsec_…`); also
+    /// `MCP_MARKETPLACE_STRIPE__WEBHOOK_SECRET`.
+    pub webhook_secret: Option<String>,
+}
+
+impl std::fmt::Debug for StripeFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeFile")
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| ".."),
+            )
+            .finish()
+    }
 }
 
 /// Accepts `["a", "b"]` or `"a,b"`.
@@ -207,6 +248,8 @@ pub struct Config {
     /// The DNS lookup upstream names resolve through; `None` is the system's
     /// (hickory-resolver). Tests and embedders inject their own.
     pub lookup: Option<Arc<dyn Lookup>>,
+    /// Plans, payout threshold, Stripe webhook secret.
+    pub billing: BillingConfig,
 }
 
 impl Default for Config {
@@ -227,6 +270,7 @@ impl Default for Config {
             max_concurrency_per_server: DEFAULT_MAX_CONCURRENCY_PER_SERVER,
             master_key: MasterKeySource::File(MasterKeySource::default_file(DEFAULT_DATABASE_URL)),
             lookup: None,
+            billing: BillingConfig::default(),
         }
     }
 }
@@ -262,6 +306,7 @@ impl Config {
     /// [`ConfigError`] for an unreadable file or an out-of-range value.
     pub fn resolve(file: Option<&Path>, cli: Overrides) -> Result<Self, ConfigError> {
         let file = FileConfig::load(file)?;
+        let billing = billing_config(&file)?;
         let d = Config::default();
         let listen = cli.listen.or(file.listen).unwrap_or(d.listen);
         let public_url = cli
@@ -350,6 +395,39 @@ impl Config {
             max_concurrency_per_server,
             master_key,
             lookup: None,
+            billing,
         })
     }
+}
+
+/// Resolves `[billing]`, `[plans.*]` and `[stripe]`.
+fn billing_config(file: &FileConfig) -> Result<BillingConfig, ConfigError> {
+    let plans = PlanBook::from_config(&file.plans, file.billing.default_plan.as_deref())
+        .map_err(|e| ConfigError::Invalid("plans", e))?;
+    let payout_threshold_micros = match &file.billing.payout_threshold {
+        Some(UsdSetting::Text(t)) => {
+            crate::billing::pricing::parse_usd(t.trim(), crate::billing::pricing::MAX_GRANT_MICROS)
+                .map_err(|e| ConfigError::Invalid("billing.payout_threshold", e.to_string()))?
+        }
+        Some(UsdSetting::Whole(w)) if (0..=1_000_000).contains(w) => w * 1_000_000,
+        Some(UsdSetting::Whole(w)) => {
+            return Err(ConfigError::Invalid(
+                "billing.payout_threshold",
+                format!("{w} is out of range"),
+            ));
+        }
+        None => DEFAULT_PAYOUT_THRESHOLD_MICROS,
+    };
+    let stripe_webhook_secret = file
+        .stripe
+        .webhook_secret
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(WebhookSecret::new);
+    Ok(BillingConfig {
+        plans: Arc::new(plans),
+        payout_threshold_micros,
+        stripe_webhook_secret,
+    })
 }

@@ -309,6 +309,7 @@ async fn a_hold_left_by_a_crash_is_refunded_at_start() {
             fee_bps: 3000,
             hold_expires_at: mcp_marketplace::store::now_ms() - 1,
             spend_limits: Vec::new(),
+            request_bytes: 2,
         };
         w.market.app.ledger.reserve(&reservation).await.unwrap();
         assert_eq!(w.market.balance(&w.user).await.holds_micros, UNITS_PRICE);

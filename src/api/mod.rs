@@ -13,6 +13,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -21,9 +22,15 @@ use http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 
 use crate::app::{App, AppError};
+use crate::auth::accounts::find_account;
 use crate::auth::keys::KeyError;
 use crate::auth::{KeyContext, Scope};
+use crate::billing::invoices::InvoiceFormat;
+use crate::billing::period::parse_instant;
 use crate::billing::pricing::{format_pricing, format_usd};
+use crate::billing::stripe::StripeError;
+use crate::billing::usage::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, UsageQuery};
+use crate::billing::{BillingError, Month};
 use crate::catalog::{CatalogError, NewServer, Server};
 use crate::security::audit::{self, Actor, AuditQuery};
 use crate::security::credentials::{self, CredentialError};
@@ -97,6 +104,8 @@ pub const ROUTES: &[Route] = &[
         Access::Scope(Scope::ServersWrite),
     ),
     route(Method::GET, "/api/v1/audit", Access::Scope(Scope::Admin)),
+    route(Method::GET, "/api/v1/usage", Access::AnyKey),
+    route(Method::GET, "/api/v1/invoices/{month}", Access::AnyKey),
 ];
 
 /// An API error: HTTP status, kind and a message without internals.
@@ -140,6 +149,26 @@ impl From<CatalogError> for ApiError {
             _ => Self::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
         }
     }
+}
+
+impl From<BillingError> for ApiError {
+    fn from(e: BillingError) -> Self {
+        match &e {
+            BillingError::Invalid(_)
+            | BillingError::InvalidAmount(_)
+            | BillingError::UnknownPlan(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
+            }
+            BillingError::MonthOpen { .. } | BillingError::MonthNotClosed(_) => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            _ => internal(e),
+        }
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -241,7 +270,11 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
         )
         .route("/api/v1/servers/{slug}/secret", post(rotate_secret))
         .route("/api/v1/audit", get(read_audit))
+        .route("/api/v1/usage", get(usage))
+        .route("/api/v1/invoices/{month}", get(invoice))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
+        // Stripe authenticates with its signature, not an API key.
+        .route("/api/v1/webhooks/stripe", post(stripe_webhook))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             app.config.max_request_bytes,
         ))
@@ -496,4 +529,237 @@ async fn read_audit(
     .await
     .map_err(internal)?;
     Ok(axum::Json(json!({"entries": entries})).into_response())
+}
+
+/// The account a request is about: the key's own, or (admin keys only) `?account=NAME`.
+async fn subject_account(
+    app: &App,
+    key: &KeyContext,
+    account: Option<&str>,
+) -> Result<(String, String), ApiError> {
+    match account {
+        None => Ok((key.account_id.clone(), key.account_name.clone())),
+        Some(name) if key.has_scope(Scope::Admin) => {
+            let a = find_account(&app.store, name).await.map_err(|e| match e {
+                crate::auth::accounts::AccountError::Unknown(_) => {
+                    ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+                }
+                other => internal(other),
+            })?;
+            Ok((a.id, a.name))
+        }
+        Some(_) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only admin keys may name another account",
+        )),
+    }
+}
+
+fn query_error(e: QueryRejection) -> ApiError {
+    bad_request(format!("invalid query: {}", e.body_text()))
+}
+
+/// The query of `GET /api/v1/usage`: filters, page, format.
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct UsageParams {
+    /// RFC 3339, a day or a month: calls made at or after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
+    /// RFC 3339, a day or a month: calls made before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<String>,
+    /// `YYYY-MM`: calls made that month (instead of from/to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    month: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool: Option<String>,
+    /// A key id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    /// `reserved`, `settled` or `refunded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<String>,
+    /// `json` (default) or `csv`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<String>,
+    /// Admin keys: another account's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<String>,
+}
+
+/// `GET /api/v1/usage`: one page of the account's usage log, newest first, as JSON
+/// (`{"calls": [...], "next_cursor"}`) or CSV (`format=csv`, or `Accept: text/csv`); the
+/// next page is also linked in a `Link: <…>; rel="next"` header (RFC 8288).
+async fn usage(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    headers: HeaderMap,
+    params: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(mut p) = params.map_err(query_error)?;
+    let (account_id, _) = subject_account(&app, &key, p.account.as_deref()).await?;
+    let instant = |v: &Option<String>| v.as_deref().map(parse_instant).transpose();
+    let mut from = instant(&p.from).map_err(bad_request)?;
+    let mut to = instant(&p.to).map_err(bad_request)?;
+    if let Some(m) = &p.month {
+        if from.is_some() || to.is_some() {
+            return Err(bad_request("give either month or from/to"));
+        }
+        let m: Month = m
+            .parse()
+            .map_err(|e: crate::billing::period::InvalidMonth| bad_request(e.to_string()))?;
+        from = Some(m.start_ms());
+        to = Some(m.end_ms());
+    }
+    let limit = match &p.limit {
+        None => DEFAULT_PAGE_SIZE,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE_SIZE).contains(l))
+            .ok_or_else(|| bad_request(format!("limit must be between 1 and {MAX_PAGE_SIZE}")))?,
+    };
+    let wants_csv = match p.format.as_deref() {
+        Some("csv") => true,
+        Some("json") => false,
+        Some(_) => return Err(bad_request("format is json or csv")),
+        None => headers
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/csv")),
+    };
+    let page = crate::billing::usage::list(
+        &app.store,
+        &UsageQuery {
+            account_id,
+            from,
+            to,
+            server: p.server.clone(),
+            tool: p.tool.clone(),
+            key_id: p.key.clone(),
+            outcome: p.outcome.clone(),
+            cursor: p.cursor.clone(),
+            limit,
+        },
+    )
+    .await?;
+    let link = page.next_cursor.as_ref().map(|c| {
+        p.cursor = Some(c.clone());
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(
+                serde_json::to_value(&p)
+                    .ok()
+                    .and_then(|v| v.as_object().cloned())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_owned()))),
+            )
+            .finish();
+        format!("</api/v1/usage?{query}>; rel=\"next\"")
+    });
+    let mut response = if wants_csv {
+        (
+            [(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            crate::billing::usage::to_csv(&page.calls, true),
+        )
+            .into_response()
+    } else {
+        axum::Json(&page).into_response()
+    };
+    if let Some(link) = link.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(http::header::LINK, link);
+    }
+    Ok(response)
+}
+
+/// The query of `GET /api/v1/invoices/{month}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoiceParams {
+    /// `json` (default), `csv` or `html`.
+    format: Option<String>,
+    /// Admin keys: another account's name.
+    account: Option<String>,
+}
+
+/// `GET /api/v1/invoices/{month}`: the account's invoice for `YYYY-MM` — the stored one
+/// of a closed month, else a draft — as JSON, CSV or printable HTML.
+async fn invoice(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    Path(month): Path<String>,
+    params: Result<Query<InvoiceParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(query_error)?;
+    let month: Month = month
+        .parse()
+        .map_err(|e: crate::billing::period::InvalidMonth| bad_request(e.to_string()))?;
+    let format: InvoiceFormat = p.format.as_deref().unwrap_or("json").parse()?;
+    let (account_id, name) = subject_account(&app, &key, p.account.as_deref()).await?;
+    let Some((_, rendered)) =
+        crate::billing::invoices::invoice(&app.ledger, &account_id, month).await?
+    else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "{name} has no invoice for {month}: nothing happened on the account that month"
+            ),
+        ));
+    };
+    Ok((
+        [(http::header::CONTENT_TYPE, format.content_type())],
+        rendered.get(format).to_owned(),
+    )
+        .into_response())
+}
+
+/// `POST /api/v1/webhooks/stripe`: Stripe's events, authenticated by the
+/// `Stripe-Signature` header (no API key). 200 when handled or already handled (Stripe
+/// stops retrying), 400 for a bad signature or payload, 503 when not configured, 500
+/// when the store fails (Stripe retries).
+async fn stripe_webhook(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    let outcome = crate::billing::stripe::handle_webhook(
+        &app.ledger,
+        app.config.billing.stripe_webhook_secret.as_ref(),
+        signature,
+        &body,
+    )
+    .await
+    .map_err(|e| match e {
+        StripeError::NotConfigured => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_configured",
+            e.to_string(),
+        ),
+        StripeError::MissingSignature | StripeError::BadSignature => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_signature", e.to_string())
+        }
+        StripeError::Stale(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "stale_signature", e.to_string())
+        }
+        StripeError::InvalidPayload(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_payload", e.to_string())
+        }
+        StripeError::Billing(b) => internal(b),
+    })?;
+    tracing::info!(?outcome, "stripe webhook");
+    let mut body = serde_json::to_value(&outcome).unwrap_or_default();
+    body["received"] = json!(true);
+    Ok(axum::Json(body).into_response())
 }

@@ -1,10 +1,22 @@
-//! The double-entry, two-phase ledger (DESIGN.md "Ledger").
+//! The double-entry, two-phase ledger (DESIGN.md "Ledger"). Every write to a ledger
+//! table (`ledger_accounts`, `ledger_transfers`, `ledger_entries`, `calls`,
+//! `usage_counters`) happens in a method of [`Ledger`], in one transaction.
 //!
 //! Ledger accounts: `wallet:{account}` (never below zero, a CHECK in the schema),
-//! `holds`, `earnings:{account}`, `platform:revenue`, `external:topups`,
-//! `external:payouts`. A transfer is a set of entries that sum to zero, written in one
-//! transaction together with the running balances it changes. Credits are positive
-//! amounts, debits negative; a ledger account's balance is the sum of its entries.
+//! `holds`, `earnings:{account}`, `platform:revenue`, `platform:included_credits` and
+//! `platform:losses` (contra-revenue: credits the platform gives with plans, and payments
+//! reversed after their credits were spent), `external:topups`, `external:payouts`. A
+//! transfer is a set of entries that sum to zero, written in one transaction together
+//! with the running balances it changes. Credits are positive amounts, debits negative; a
+//! ledger account's balance is the sum of its entries. Transfers and entries are
+//! immutable (database triggers); corrections are new transfers.
+//!
+//! Transfer kinds: `topup` (external → wallet: grants and Stripe payments), `reserve`,
+//! `settle`, `refund` (the two phases of a call), `subscription` (wallet → revenue, a
+//! plan's monthly fee), `included_credits` (platform:included_credits → wallet),
+//! `reversal` (wallet, and platform:losses for what the wallet no longer holds →
+//! external:topups: a refunded or disputed payment), `payout` (earnings →
+//! external:payouts), `adjustment`.
 //!
 //! A call is billed in two phases, TigerBeetle style: `reserve` (pending) moves the
 //! price from the wallet to `holds`; then exactly one of `settle` (post: holds →
@@ -13,19 +25,44 @@
 //! index on `(call_id, kind)` makes a second reserve, settle or refund impossible even
 //! if code tried. A reservation whose hold outlived its deadline (the process died
 //! mid-call) is refunded by [`Ledger::sweep_expired_holds`].
+//!
+//! The reserve also enforces, in the same transaction so concurrent calls cannot pass
+//! them together: the key's spend limit, the plan's monthly call quota (a guarded
+//! increment of `usage_counters`), and the wallet balance (a guarded debit). The debit
+//! returns the wallet's low-balance threshold with the new balance, so detecting a
+//! crossing costs no extra query.
+//!
+//! Lock order. On PostgreSQL two transactions that lock the same rows in different
+//! orders can deadlock; every transaction here locks in one order: the call row, the
+//! key, the usage counter, then ledger accounts ranked wallet < holds < earnings <
+//! platform < external (see [`lock_rank`]; [`write_entries`] sorts by it).
+//!
+//! Time. Every transfer of one operation carries one timestamp `at` from the ledger's
+//! [`Clock`], and a call's `created_at`/`finished_at` equal its reserve and settle/refund
+//! transfers' times, so month boundaries cut the ledger and the usage log identically.
 
-use sqlx::Row;
+use std::sync::Arc;
 
-use crate::store::{Backend, Store, StoreError, Tx, is_check_violation, now_ms};
+use sqlx::{AnyConnection, Row};
+
+use super::period::{Clock, Month, SystemClock};
+use super::plans::{Plan, PlanBook, PlanRateLimits, prorate};
+use crate::store::{Backend, Store, StoreError, Tx, is_check_violation, is_unique_violation};
 
 /// The ledger account that holds reserved money.
 pub const HOLDS: &str = "holds";
 /// The platform's revenue ledger account.
 pub const PLATFORM_REVENUE: &str = "platform:revenue";
+/// Contra-revenue: credits the platform granted with plans (its balance is ≤ 0).
+pub const PLATFORM_INCLUDED_CREDITS: &str = "platform:included_credits";
+/// Contra-revenue: reversed payments whose credits were already spent (balance ≤ 0).
+pub const PLATFORM_LOSSES: &str = "platform:losses";
 /// The source of money granted or paid in from outside.
 pub const EXTERNAL_TOPUPS: &str = "external:topups";
 /// The sink of money paid out to creators.
 pub const EXTERNAL_PAYOUTS: &str = "external:payouts";
+/// Micros in one US cent: payouts are whole cents.
+pub const CENT_MICROS: i64 = 10_000;
 
 /// The wallet ledger account of `account_id`.
 pub fn wallet_id(account_id: &str) -> String {
@@ -60,6 +97,16 @@ pub enum BillingError {
         /// `day` or `month`.
         period: String,
     },
+    /// The plan's monthly call quota is used up.
+    #[error("the {plan} plan's quota of {quota} calls this month is used up")]
+    QuotaExceeded {
+        /// The plan's name.
+        plan: String,
+        /// Calls allowed per month.
+        quota: i64,
+        /// When the quota resets (the next month's start, epoch ms).
+        resets_at_ms: i64,
+    },
     /// The call was already settled or refunded (by the hold sweep, say).
     #[error("call {0} is no longer reserved")]
     NotReserved(String),
@@ -69,6 +116,26 @@ pub enum BillingError {
     /// An amount was zero, negative or too large.
     #[error("invalid amount: {0}")]
     InvalidAmount(String),
+    /// No plan of that id is configured.
+    #[error("no plan '{0}' (see `billing plans list`)")]
+    UnknownPlan(String),
+    /// A request that cannot be carried out as asked (the message says why).
+    #[error("{0}")]
+    Invalid(String),
+    /// The month has not ended long enough ago to be closed.
+    #[error("{month} cannot be closed before {closable_at}")]
+    MonthOpen {
+        /// The month.
+        month: String,
+        /// When it may be closed (RFC 3339).
+        closable_at: String,
+    },
+    /// The month is not closed yet.
+    #[error("{0} is not closed yet; run `billing close --month {0}` first")]
+    MonthNotClosed(String),
+    /// The stored data contradict each other (a bug or tampering; `ledger verify` says more).
+    #[error("the ledger does not reconcile: {0}")]
+    Unreconciled(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -101,6 +168,17 @@ pub struct Reservation {
     pub hold_expires_at: i64,
     /// The key's spend limits `(micros, "day"|"month")`, each checked.
     pub spend_limits: Vec<(i64, String)>,
+    /// Size of the call's arguments as JSON, bytes (the usage log's bytes in).
+    pub request_bytes: i64,
+}
+
+/// How a call ended, for the usage log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Time from forwarding to the answer, ms.
+    pub latency_ms: i64,
+    /// Size of the result returned to the client as JSON (before the receipt), bytes.
+    pub response_bytes: i64,
 }
 
 /// The final state of a call after settle or refund.
@@ -136,22 +214,145 @@ pub struct AccountBalance {
 /// The platform's balances, in micros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct PlatformBalance {
-    /// Fees earned.
+    /// Fees earned (platform fees on calls and plan fees).
     pub revenue_micros: i64,
     /// Money held for calls in flight, all accounts together.
     pub holds_micros: i64,
+    /// Credits granted with plans (≤ 0).
+    pub included_credits_micros: i64,
+    /// Reversed payments the wallets could no longer cover (≤ 0).
+    pub losses_micros: i64,
 }
 
-/// The ledger over a [`Store`]. Cheap to clone.
+/// An account's calls and spend in one UTC month (reserved or settled; refunded calls
+/// are taken back), from `usage_counters`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MonthUsage {
+    /// Calls counted against the quota.
+    pub calls: i64,
+    /// Their prices, micros.
+    pub spent_micros: i64,
+}
+
+/// The plan in effect for an account at some instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentPlan {
+    /// The `account_plans` row, or `None` for the default plan of an account without one.
+    pub account_plan_id: Option<String>,
+    /// Since when (epoch ms; 0 for the default plan).
+    pub effective_at: i64,
+    /// The plan (the default plan if the row names a plan no longer configured).
+    pub plan: Plan,
+}
+
+/// One row of an account's plan history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlanHistoryEntry {
+    /// The row's id.
+    pub id: String,
+    /// The plan id.
+    pub plan: String,
+    /// Epoch ms from which it is in effect.
+    pub effective_at: i64,
+    /// `change` (asked for) or `lapsed` (the fee could not be paid).
+    pub reason: String,
+}
+
+/// A booked subscription period: one plan for (part of) one month.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BookedPeriod {
+    /// The month, `YYYY-MM`.
+    pub month: String,
+    /// The plan id.
+    pub plan: String,
+    /// Start of the period (epoch ms); the month's start unless the plan began later.
+    pub starts_at: i64,
+    /// Fee charged, micros (prorated).
+    pub fee_micros: i64,
+    /// Credits granted, micros (prorated).
+    pub credits_micros: i64,
+}
+
+/// What [`Ledger::change_plan`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlanChange {
+    /// The new plan row's id.
+    pub account_plan_id: String,
+    /// The plan id.
+    pub plan: String,
+    /// From when (epoch ms).
+    pub effective_at: i64,
+    /// The period booked now (a change in effect at once), or `None` (a future change is
+    /// booked by [`Ledger::renew_subscriptions`] when it takes effect).
+    pub booked: Option<BookedPeriod>,
+}
+
+/// An account's low-balance settings and state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LowBalance {
+    /// The threshold in micros; `None` = no alert.
+    pub threshold_micros: Option<i64>,
+    /// True from an alert until a credit from outside lifts the wallet over the threshold.
+    pub alerted: bool,
+}
+
+/// A wallet movement other than a call's reserve/refund, for invoices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletMovement {
+    /// The transfer kind (`topup`, `subscription`, `included_credits`, `reversal`, `adjustment`).
+    pub kind: String,
+    /// The transfer's memo.
+    pub memo: String,
+    /// When (epoch ms).
+    pub at: i64,
+    /// The wallet entry, micros (credit > 0, debit < 0).
+    pub amount: i64,
+}
+
+/// The ledger over a [`Store`], with the [`Clock`] it stamps transfers with and the
+/// configured plans. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     store: Store,
+    clock: Arc<dyn Clock>,
+    plans: Arc<PlanBook>,
 }
 
 impl Ledger {
-    /// A ledger on `store`.
+    /// A ledger on `store` with the system clock and the built-in plans.
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            clock: Arc::new(SystemClock),
+            plans: Arc::new(PlanBook::builtin()),
+        }
+    }
+
+    /// The same ledger reading time from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The same ledger with the configured `plans`.
+    pub fn with_plans(mut self, plans: Arc<PlanBook>) -> Self {
+        self.plans = plans;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The configured plans.
+    pub fn plans(&self) -> &PlanBook {
+        &self.plans
+    }
+
+    /// The ledger's current time, epoch ms.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// Creates the wallet and earnings ledger accounts of a new account inside `tx`.
@@ -159,7 +360,7 @@ impl Ledger {
     /// # Errors
     /// [`BillingError::Store`] when the insert fails.
     pub async fn open_accounts(tx: &mut Tx, account_id: &str) -> Result<(), BillingError> {
-        let now = now_ms();
+        let now = crate::store::now_ms();
         for (id, kind) in [
             (wallet_id(account_id), "wallet"),
             (earnings_id(account_id), "earnings"),
@@ -189,38 +390,58 @@ impl Ledger {
         amount_micros: i64,
         memo: &str,
     ) -> Result<i64, BillingError> {
+        let mut tx = self.store.begin().await?;
+        self.credit_wallet_in(&mut tx, account_id, amount_micros, memo, self.now_ms())
+            .await?;
+        let balance = balance_of(&mut tx, &wallet_id(account_id)).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(balance)
+    }
+
+    /// Books a `topup` of `amount_micros` into the account's wallet inside `tx` (a grant
+    /// or a paid top-up) and re-arms its low-balance alert. Returns the transfer id.
+    pub(crate) async fn credit_wallet_in(
+        &self,
+        tx: &mut Tx,
+        account_id: &str,
+        amount_micros: i64,
+        memo: &str,
+        at: i64,
+    ) -> Result<String, BillingError> {
         if amount_micros <= 0 || amount_micros > super::pricing::MAX_GRANT_MICROS {
             return Err(BillingError::InvalidAmount(format!(
                 "{amount_micros} micros is not a grant between 1 and {}",
                 super::pricing::MAX_GRANT_MICROS
             )));
         }
-        let mut tx = self.store.begin().await?;
         let wallet = wallet_id(account_id);
-        post_transfer(
-            &mut tx,
+        let id = post_transfer(
+            tx,
             "topup",
             None,
             amount_micros,
             &[(EXTERNAL_TOPUPS, -amount_micros), (&wallet, amount_micros)],
             memo,
+            at,
         )
         .await?;
-        let balance = balance_of(&mut tx, &wallet).await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(balance)
+        rearm_low_balance(tx, &wallet).await?;
+        Ok(id)
     }
 
     /// Reserves a call (DESIGN.md call path step 5): in one transaction, checks the key's
-    /// spend limit, moves the price from the wallet to `holds` and writes the call row.
-    /// Returns the wallet balance after the reservation, in micros.
+    /// spend limit and the plan's monthly quota, moves the price from the wallet to
+    /// `holds` and writes the call row; records a low-balance alert when this debit takes
+    /// the wallet below its threshold. Returns the wallet balance after the reservation,
+    /// in micros.
     ///
     /// # Errors
-    /// [`BillingError::InsufficientCredits`] or [`BillingError::SpendLimit`] with nothing
-    /// written; [`BillingError::Store`].
+    /// [`BillingError::InsufficientCredits`], [`BillingError::SpendLimit`] or
+    /// [`BillingError::QuotaExceeded`] with nothing written; [`BillingError::Store`].
     pub async fn reserve(&self, r: &Reservation) -> Result<i64, BillingError> {
         let (creator_micros, fee_micros) = super::pricing::split_price(r.price_micros, r.fee_bps);
-        let now = now_ms();
+        let at = self.now_ms();
+        let month = Month::of_ms(at);
         let mut tx = self.store.begin().await?;
         if !r.spend_limits.is_empty() && self.store.backend() == Backend::Postgres {
             // Serializes reservations of one key so two concurrent calls cannot both
@@ -231,16 +452,7 @@ impl Ledger {
                 .await?;
         }
         for (limit_micros, period) in &r.spend_limits {
-            let since = period_start_ms(period, now);
-            let spent: i64 = sqlx::query(
-                "SELECT CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls \
-                 WHERE key_id = $1 AND created_at >= $2 AND status <> 'refunded'",
-            )
-            .bind(&r.key_id)
-            .bind(since)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
+            let spent = key_spent(&mut tx, &r.key_id, period_start_ms(period, at)).await?;
             if spent + r.price_micros > *limit_micros {
                 return Err(BillingError::SpendLimit {
                     limit_micros: *limit_micros,
@@ -249,29 +461,43 @@ impl Ledger {
                 });
             }
         }
-        let wallet = wallet_id(&r.account_id);
-        if r.price_micros > 0 {
-            // The guarded debit: zero rows means the wallet cannot cover the price.
-            let updated = sqlx::query(
-                "UPDATE ledger_accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1",
+        // The quota: a guarded increment of this month's counter (an upsert whose update
+        // only happens under the quota), so concurrent calls cannot pass it together.
+        let plan = self.plan_in_effect(&mut tx, &r.account_id, at).await?.plan;
+        let quota = plan.monthly_calls.unwrap_or(i64::MAX);
+        let counted = if quota <= 0 {
+            None
+        } else {
+            sqlx::query(
+                "INSERT INTO usage_counters (account_id, month, calls, spent_micros) VALUES ($1, $2, 1, $3) \
+                 ON CONFLICT (account_id, month) DO UPDATE \
+                 SET calls = usage_counters.calls + 1, spent_micros = usage_counters.spent_micros + $3 \
+                 WHERE usage_counters.calls < $4 RETURNING calls",
             )
+            .bind(&r.account_id)
+            .bind(month.to_string())
             .bind(r.price_micros)
-            .bind(&wallet)
-            .execute(&mut *tx)
+            .bind(quota)
+            .fetch_optional(&mut *tx)
             .await?
-            .rows_affected();
-            if updated != 1 {
-                let balance_micros = balance_of(&mut tx, &wallet).await.unwrap_or(0);
-                return Err(BillingError::InsufficientCredits {
-                    price_micros: r.price_micros,
-                    balance_micros,
-                });
-            }
+        };
+        if counted.is_none() {
+            return Err(BillingError::QuotaExceeded {
+                plan: plan.name.clone(),
+                quota,
+                resets_at_ms: month.end_ms(),
+            });
         }
+        let wallet = wallet_id(&r.account_id);
+        let balance = if r.price_micros > 0 {
+            debit_wallet(&mut tx, &r.account_id, r.price_micros, at, Some(&r.call_id)).await?
+        } else {
+            balance_of(&mut tx, &wallet).await?
+        };
         sqlx::query(
             "INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, \
-             fee_micros, status, hold_expires_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'reserved', $9, $10)",
+             fee_micros, status, hold_expires_at, created_at, request_bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'reserved', $9, $10, $11)",
         )
         .bind(&r.call_id)
         .bind(&r.account_id)
@@ -282,11 +508,12 @@ impl Ledger {
         .bind(creator_micros)
         .bind(fee_micros)
         .bind(r.hold_expires_at)
-        .bind(now)
+        .bind(at)
+        .bind(r.request_bytes.max(0))
         .execute(&mut *tx)
         .await?;
         let transfer =
-            insert_transfer(&mut tx, "reserve", Some(&r.call_id), r.price_micros, "").await?;
+            insert_transfer(&mut tx, "reserve", Some(&r.call_id), r.price_micros, "", at).await?;
         // The guarded debit above already moved the wallet's balance; only holds moves here.
         write_entries(
             &mut tx,
@@ -295,24 +522,24 @@ impl Ledger {
             |account| account == HOLDS,
         )
         .await?;
-        let balance = balance_of(&mut tx, &wallet).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(balance)
     }
 
     /// Settles a reserved call (step 7, success): holds → creator earnings (price − fee)
-    /// and platform revenue (fee). Returns the payer's wallet balance afterwards.
+    /// and platform revenue (fee), and completes its usage-log row with `stats`. Returns
+    /// the payer's wallet balance afterwards.
     ///
     /// # Errors
     /// [`BillingError::NotReserved`] when the call was already settled or refunded (then
     /// nothing changes), [`BillingError::UnknownCall`], [`BillingError::Store`].
-    pub async fn settle(&self, call_id: &str, latency_ms: i64) -> Result<i64, BillingError> {
-        self.finish(call_id, Outcome::Settled, None, latency_ms)
-            .await
+    pub async fn settle(&self, call_id: &str, stats: CallStats) -> Result<i64, BillingError> {
+        self.finish(call_id, Outcome::Settled, None, stats).await
     }
 
-    /// Refunds a reserved call (step 7, failure): holds → wallet, recording `error_kind`.
-    /// Returns the payer's wallet balance afterwards.
+    /// Refunds a reserved call (step 7, failure): holds → wallet, recording `error_kind`,
+    /// and takes the call back from the month's quota count. Returns the payer's wallet
+    /// balance afterwards.
     ///
     /// # Errors
     /// As [`Ledger::settle`].
@@ -320,9 +547,9 @@ impl Ledger {
         &self,
         call_id: &str,
         error_kind: &str,
-        latency_ms: i64,
+        stats: CallStats,
     ) -> Result<i64, BillingError> {
-        self.finish(call_id, Outcome::Refunded, Some(error_kind), latency_ms)
+        self.finish(call_id, Outcome::Refunded, Some(error_kind), stats)
             .await
     }
 
@@ -331,22 +558,24 @@ impl Ledger {
         call_id: &str,
         outcome: Outcome,
         error_kind: Option<&str>,
-        latency_ms: i64,
+        stats: CallStats,
     ) -> Result<i64, BillingError> {
+        let at = self.now_ms();
         let mut tx = self.store.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE calls SET status = $1, error_kind = $2, finished_at = $3, latency_ms = $4 \
-             WHERE id = $5 AND status = 'reserved'",
+        let row = sqlx::query(
+            "UPDATE calls SET status = $1, error_kind = $2, finished_at = $3, latency_ms = $4, \
+             response_bytes = $5 WHERE id = $6 AND status = 'reserved' \
+             RETURNING account_id, price_micros, creator_micros, fee_micros, server_id, created_at",
         )
         .bind(outcome.as_str())
         .bind(error_kind)
-        .bind(now_ms())
-        .bind(latency_ms)
+        .bind(at)
+        .bind(stats.latency_ms.max(0))
+        .bind(stats.response_bytes.max(0))
         .bind(call_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated != 1 {
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
             let exists = sqlx::query("SELECT id FROM calls WHERE id = $1")
                 .bind(call_id)
                 .fetch_optional(&mut *tx)
@@ -357,22 +586,22 @@ impl Ledger {
             } else {
                 BillingError::UnknownCall(call_id.to_owned())
             });
-        }
-        let row = sqlx::query(
-            "SELECT c.account_id, c.price_micros, c.creator_micros, c.fee_micros, s.owner_account_id \
-             FROM calls c JOIN servers s ON s.id = c.server_id WHERE c.id = $1",
-        )
-        .bind(call_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        };
         let account_id: String = row.try_get(0)?;
         let price: i64 = row.try_get(1)?;
         let creator: i64 = row.try_get(2)?;
         let fee: i64 = row.try_get(3)?;
-        let owner: String = row.try_get(4)?;
+        let server_id: String = row.try_get(4)?;
+        let created_at: i64 = row.try_get(5)?;
         let wallet = wallet_id(&account_id);
         match outcome {
             Outcome::Settled => {
+                let owner: String =
+                    sqlx::query("SELECT owner_account_id FROM servers WHERE id = $1")
+                        .bind(&server_id)
+                        .fetch_one(&mut *tx)
+                        .await?
+                        .try_get(0)?;
                 let earnings = earnings_id(&owner);
                 post_transfer(
                     &mut tx,
@@ -385,10 +614,21 @@ impl Ledger {
                         (PLATFORM_REVENUE, fee),
                     ],
                     "",
+                    at,
                 )
                 .await?;
             }
             Outcome::Refunded => {
+                // A refunded call does not count against the quota of the month it was made in.
+                sqlx::query(
+                    "UPDATE usage_counters SET calls = calls - 1, spent_micros = spent_micros - $1 \
+                     WHERE account_id = $2 AND month = $3",
+                )
+                .bind(price)
+                .bind(&account_id)
+                .bind(Month::of_ms(created_at).to_string())
+                .execute(&mut *tx)
+                .await?;
                 post_transfer(
                     &mut tx,
                     "refund",
@@ -396,6 +636,7 @@ impl Ledger {
                     price,
                     &[(HOLDS, -price), (&wallet, price)],
                     error_kind.unwrap_or(""),
+                    at,
                 )
                 .await?;
             }
@@ -411,18 +652,8 @@ impl Ledger {
     /// [`BillingError::Store`].
     pub async fn account_balance(&self, account_id: &str) -> Result<AccountBalance, BillingError> {
         let pool = self.store.pool();
-        let wallet = scalar(
-            pool,
-            "SELECT CAST(COALESCE(MAX(balance), 0) AS BIGINT) FROM ledger_accounts WHERE id = $1",
-            &wallet_id(account_id),
-        )
-        .await?;
-        let earnings = scalar(
-            pool,
-            "SELECT CAST(COALESCE(MAX(balance), 0) AS BIGINT) FROM ledger_accounts WHERE id = $1",
-            &earnings_id(account_id),
-        )
-        .await?;
+        let wallet = scalar(pool, BALANCE_SQL, &wallet_id(account_id)).await?;
+        let earnings = scalar(pool, BALANCE_SQL, &earnings_id(account_id)).await?;
         let holds = scalar(
             pool,
             "SELECT CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls \
@@ -437,29 +668,652 @@ impl Ledger {
         })
     }
 
-    /// The platform's revenue and total holds, in micros.
+    /// The platform's balances, in micros.
     ///
     /// # Errors
     /// [`BillingError::Store`].
     pub async fn platform_balance(&self) -> Result<PlatformBalance, BillingError> {
         let pool = self.store.pool();
-        let q: &'static str =
-            "SELECT CAST(COALESCE(MAX(balance), 0) AS BIGINT) FROM ledger_accounts WHERE id = $1";
         Ok(PlatformBalance {
-            revenue_micros: scalar(pool, q, PLATFORM_REVENUE).await?,
-            holds_micros: scalar(pool, q, HOLDS).await?,
+            revenue_micros: scalar(pool, BALANCE_SQL, PLATFORM_REVENUE).await?,
+            holds_micros: scalar(pool, BALANCE_SQL, HOLDS).await?,
+            included_credits_micros: scalar(pool, BALANCE_SQL, PLATFORM_INCLUDED_CREDITS).await?,
+            losses_micros: scalar(pool, BALANCE_SQL, PLATFORM_LOSSES).await?,
         })
     }
 
-    /// Checks every invariant of DESIGN.md "Ledger" and returns the broken ones (empty
-    /// when all hold): entries sum to zero overall and per transfer; every balance equals
-    /// the sum of its entries; `holds` equals the open reservations; no wallet is
-    /// negative; every call has one reserve and at most one of settle/refund, matching
-    /// its status.
+    /// The account's calls and spend counted in `month` (what the quota sees).
+    ///
+    /// # Errors
+    /// [`BillingError::Store`].
+    pub async fn month_usage(
+        &self,
+        account_id: &str,
+        month: Month,
+    ) -> Result<MonthUsage, BillingError> {
+        let row = sqlx::query(
+            "SELECT calls, spent_micros FROM usage_counters WHERE account_id = $1 AND month = $2",
+        )
+        .bind(account_id)
+        .bind(month.to_string())
+        .fetch_optional(self.store.pool())
+        .await?;
+        Ok(match row {
+            Some(r) => MonthUsage {
+                calls: r.try_get(0)?,
+                spent_micros: r.try_get(1)?,
+            },
+            None => MonthUsage::default(),
+        })
+    }
+
+    /// What a key spent (settled or held) in its current spend-limit period (`day` or
+    /// `month`, UTC), micros.
+    ///
+    /// # Errors
+    /// [`BillingError::Store`].
+    pub async fn key_spend(&self, key_id: &str, period: &str) -> Result<i64, BillingError> {
+        let mut conn = self.store.pool().acquire().await?;
+        key_spent(&mut conn, key_id, period_start_ms(period, self.now_ms())).await
+    }
+
+    // ---- Plans ---------------------------------------------------------------------
+
+    async fn plan_in_effect(
+        &self,
+        conn: &mut AnyConnection,
+        account_id: &str,
+        at: i64,
+    ) -> Result<CurrentPlan, BillingError> {
+        let row = sqlx::query(
+            "SELECT id, plan_id, effective_at FROM account_plans \
+             WHERE account_id = $1 AND effective_at <= $2 \
+             ORDER BY effective_at DESC, id DESC LIMIT 1",
+        )
+        .bind(account_id)
+        .bind(at)
+        .fetch_optional(conn)
+        .await?;
+        Ok(match row {
+            Some(r) => {
+                let plan_id: String = r.try_get(1)?;
+                CurrentPlan {
+                    account_plan_id: Some(r.try_get(0)?),
+                    effective_at: r.try_get(2)?,
+                    plan: self.plans.resolve(&plan_id).clone(),
+                }
+            }
+            None => CurrentPlan {
+                account_plan_id: None,
+                effective_at: 0,
+                plan: self.plans.default_plan().clone(),
+            },
+        })
+    }
+
+    /// The plan in effect for `account_id` now.
+    ///
+    /// # Errors
+    /// [`BillingError::Store`].
+    pub async fn current_plan(&self, account_id: &str) -> Result<CurrentPlan, BillingError> {
+        let mut conn = self.store.pool().acquire().await?;
+        self.plan_in_effect(&mut conn, account_id, self.now_ms())
+            .await
+    }
+
+    /// The rate limits of the plan `account_id` is on now (`None` fields: the
+    /// marketplace-wide `[rate_limits]` apply). For the rate limiter of the call path.
+    ///
+    /// # Errors
+    /// [`BillingError::Store`].
+    pub async fn rate_limits_for(&self, account_id: &str) -> Result<PlanRateLimits, BillingError> {
+        Ok(self.current_plan(account_id).await?.plan.rate_limits)
+    }
+
+    /// The account's plan rows, oldest first (future changes included).
+    ///
+    /// # Errors
+    /// [`BillingError::Store`].
+    pub async fn plan_history(
+        &self,
+        account_id: &str,
+    ) -> Result<Vec<PlanHistoryEntry>, BillingError> {
+        let rows = sqlx::query(
+            "SELECT id, plan_id, effective_at, reason FROM account_plans WHERE account_id = $1 \
+             ORDER BY effective_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(self.store.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PlanHistoryEntry {
+                    id: r.try_get(0)?,
+                    plan: r.try_get(1)?,
+                    effective_at: r.try_get(2)?,
+                    reason: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Puts `account_id` on plan `plan_id` from `effective_at` (epoch ms; `None` = now).
+    /// A change in effect now books this month's period at once, in the same
+    /// transaction: the fee prorated to the rest of the month is charged from the wallet
+    /// (`subscription`), then the prorated included credits are granted
+    /// (`included_credits`); the previous plan's fee for this month is not refunded. A
+    /// future change is booked when it takes effect ([`Ledger::renew_subscriptions`]).
+    ///
+    /// # Errors
+    /// [`BillingError::UnknownPlan`]; [`BillingError::Invalid`] for a time in the past;
+    /// [`BillingError::InsufficientCredits`] when the wallet cannot pay the fee (nothing
+    /// changes); [`BillingError::Store`].
+    pub async fn change_plan(
+        &self,
+        account_id: &str,
+        plan_id: &str,
+        effective_at: Option<i64>,
+    ) -> Result<PlanChange, BillingError> {
+        let plan = self
+            .plans
+            .get(plan_id)
+            .cloned()
+            .ok_or_else(|| BillingError::UnknownPlan(plan_id.chars().take(64).collect()))?;
+        let at = self.now_ms();
+        let effective_at = effective_at.unwrap_or(at);
+        if effective_at < at {
+            return Err(BillingError::Invalid(format!(
+                "a plan change cannot take effect in the past ({}); give a later time or none for now",
+                super::period::rfc3339(effective_at)
+            )));
+        }
+        let mut tx = self.store.begin().await?;
+        lock_ledger_account(&mut tx, self.store.backend(), &wallet_id(account_id)).await?;
+        if effective_at <= at
+            && self.plan_in_effect(&mut tx, account_id, at).await?.plan.id == plan.id
+        {
+            return Err(BillingError::Invalid(format!(
+                "the account is on the {} plan already",
+                plan.name
+            )));
+        }
+        let row_id = uuid::Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO account_plans (id, account_id, plan_id, effective_at, reason, created_at) \
+             VALUES ($1, $2, $3, $4, 'change', $5)",
+        )
+        .bind(&row_id)
+        .bind(account_id)
+        .bind(&plan.id)
+        .bind(effective_at)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_foreign_key_violation(&e) {
+                BillingError::Invalid("no such account".into())
+            } else {
+                e.into()
+            }
+        })?;
+        let booked = if effective_at <= at {
+            Some(
+                book_period(
+                    &mut tx,
+                    account_id,
+                    &row_id,
+                    &plan,
+                    Month::of_ms(at),
+                    effective_at,
+                    at,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(PlanChange {
+            account_plan_id: row_id,
+            plan: plan.id,
+            effective_at,
+            booked,
+        })
+    }
+
+    /// Books this month's subscription period for every account whose plan in effect
+    /// has none yet (a new month began, or a future plan change took effect): the fee
+    /// (prorated when the plan began this month) from the wallet, then the included
+    /// credits. An account whose wallet cannot pay the fee lapses to the default plan
+    /// from now (a `lapsed` plan row). Idempotent: a period is booked once per (plan row,
+    /// month). Returns how many periods were booked.
+    ///
+    /// # Errors
+    /// [`BillingError::Store`].
+    pub async fn renew_subscriptions(&self) -> Result<usize, BillingError> {
+        let at = self.now_ms();
+        let month = Month::of_ms(at);
+        let mut due: Vec<(String, Option<String>, String, i64)> = Vec::new();
+        for r in sqlx::query(
+            "SELECT ap.account_id, ap.id, ap.plan_id, ap.effective_at FROM account_plans ap \
+             WHERE ap.effective_at <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM account_plans l WHERE l.account_id = ap.account_id \
+                 AND l.effective_at <= $1 \
+                 AND (l.effective_at > ap.effective_at OR (l.effective_at = ap.effective_at AND l.id > ap.id))) \
+             AND NOT EXISTS (SELECT 1 FROM subscription_periods p WHERE p.account_id = ap.account_id \
+                 AND p.account_plan_id = ap.id AND p.month = $2)",
+        )
+        .bind(at)
+        .bind(month.to_string())
+        .fetch_all(self.store.pool())
+        .await?
+        {
+            due.push((r.try_get(0)?, Some(r.try_get(1)?), r.try_get(2)?, r.try_get(3)?));
+        }
+        if self.plans.default_plan().books_money() {
+            for r in sqlx::query(
+                "SELECT a.id FROM accounts a WHERE NOT EXISTS (SELECT 1 FROM account_plans ap \
+                     WHERE ap.account_id = a.id AND ap.effective_at <= $1) \
+                 AND NOT EXISTS (SELECT 1 FROM subscription_periods p WHERE p.account_id = a.id \
+                     AND p.account_plan_id = '' AND p.month = $2)",
+            )
+            .bind(at)
+            .bind(month.to_string())
+            .fetch_all(self.store.pool())
+            .await?
+            {
+                due.push((r.try_get(0)?, None, self.plans.default_plan().id.clone(), 0));
+            }
+        }
+        let mut booked = 0;
+        for (account_id, row_id, plan_id, effective_at) in due {
+            let plan = self.plans.resolve(&plan_id).clone();
+            let row = row_id.unwrap_or_default();
+            let mut tx = self.store.begin().await?;
+            lock_ledger_account(&mut tx, self.store.backend(), &wallet_id(&account_id)).await?;
+            match book_period(&mut tx, &account_id, &row, &plan, month, effective_at, at).await {
+                Ok(_) => {
+                    tx.commit().await.map_err(StoreError::from)?;
+                    booked += 1;
+                }
+                // Booked meanwhile (another replica, a concurrent plan change).
+                Err(BillingError::Invalid(_)) => {}
+                Err(BillingError::InsufficientCredits { .. }) => {
+                    drop(tx);
+                    let default = self.plans.default_plan().clone();
+                    tracing::warn!(account = %account_id, plan = %plan.id, "plan fee unpaid; the account lapses to the default plan");
+                    let mut tx = self.store.begin().await?;
+                    lock_ledger_account(&mut tx, self.store.backend(), &wallet_id(&account_id))
+                        .await?;
+                    let lapse_id = uuid::Uuid::now_v7().to_string();
+                    sqlx::query(
+                        "INSERT INTO account_plans (id, account_id, plan_id, effective_at, reason, created_at) \
+                         VALUES ($1, $2, $3, $4, 'lapsed', $4)",
+                    )
+                    .bind(&lapse_id)
+                    .bind(&account_id)
+                    .bind(&default.id)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
+                    book_period(&mut tx, &account_id, &lapse_id, &default, month, at, at).await?;
+                    tx.commit().await.map_err(StoreError::from)?;
+                    booked += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(booked)
+    }
+
+    /// The subscription periods booked for `account_id` in `month`, oldest first.
+    ///
+    /// # Errors
+    /// [`BillingError::Store`].
+    pub(crate) async fn periods_of(
+        &self,
+        conn: &mut AnyConnection,
+        account_id: &str,
+        month: Month,
+    ) -> Result<Vec<(BookedPeriod, String)>, BillingError> {
+        let rows = sqlx::query(
+            "SELECT plan_id, plan_name, starts_at, fee_micros, credits_micros FROM subscription_periods \
+             WHERE account_id = $1 AND month = $2 ORDER BY starts_at, id",
+        )
+        .bind(account_id)
+        .bind(month.to_string())
+        .fetch_all(conn)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    BookedPeriod {
+                        month: month.to_string(),
+                        plan: r.try_get(0)?,
+                        starts_at: r.try_get(2)?,
+                        fee_micros: r.try_get(3)?,
+                        credits_micros: r.try_get(4)?,
+                    },
+                    r.try_get(1)?,
+                ))
+            })
+            .collect()
+    }
+
+    // ---- Low-balance alerts ---------------------------------------------------------
+
+    /// Sets (or with `None` removes) the account's low-balance threshold, micros, and
+    /// re-arms its alert.
+    ///
+    /// # Errors
+    /// [`BillingError::InvalidAmount`] for a negative threshold,
+    /// [`BillingError::Invalid`] for an unknown account, [`BillingError::Store`].
+    pub async fn set_low_balance(
+        &self,
+        account_id: &str,
+        threshold_micros: Option<i64>,
+    ) -> Result<(), BillingError> {
+        if threshold_micros.is_some_and(|t| !(0..=super::pricing::MAX_GRANT_MICROS).contains(&t)) {
+            return Err(BillingError::InvalidAmount(
+                "a low-balance threshold is between 0 and 1000000 USD".into(),
+            ));
+        }
+        let updated = sqlx::query(
+            "UPDATE ledger_accounts SET low_balance_micros = $1, low_balance_alerted = 0 WHERE id = $2",
+        )
+        .bind(threshold_micros)
+        .bind(wallet_id(account_id))
+        .execute(self.store.pool())
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            return Err(BillingError::Invalid("no such account".into()));
+        }
+        Ok(())
+    }
+
+    /// The account's low-balance threshold and alert state.
+    ///
+    /// # Errors
+    /// [`BillingError::Store`].
+    pub async fn low_balance(&self, account_id: &str) -> Result<LowBalance, BillingError> {
+        let row = sqlx::query(
+            "SELECT low_balance_micros, low_balance_alerted FROM ledger_accounts WHERE id = $1",
+        )
+        .bind(wallet_id(account_id))
+        .fetch_optional(self.store.pool())
+        .await?;
+        Ok(match row {
+            Some(r) => LowBalance {
+                threshold_micros: r.try_get(0)?,
+                alerted: r.try_get::<i64, _>(1)? == 1,
+            },
+            None => LowBalance::default(),
+        })
+    }
+
+    // ---- Payouts and payments (their domains keep their own tables) ---------------------
+
+    /// Locks the creator's earnings row until `tx` ends (PostgreSQL; SQLite's single
+    /// writer serializes anyway) and returns its balance, micros.
+    pub(crate) async fn lock_earnings(
+        &self,
+        tx: &mut Tx,
+        creator_id: &str,
+    ) -> Result<i64, BillingError> {
+        let id = earnings_id(creator_id);
+        lock_ledger_account(tx, self.store.backend(), &id).await?;
+        balance_of(tx, &id).await
+    }
+
+    /// Earnings credited to the creator by settled calls in `[from, to)` (epoch ms), micros.
+    pub(crate) async fn earnings_between(
+        conn: &mut AnyConnection,
+        creator_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<i64, BillingError> {
+        Ok(sqlx::query(
+            "SELECT CAST(COALESCE(SUM(e.amount), 0) AS BIGINT) FROM ledger_entries e \
+             JOIN ledger_transfers t ON t.id = e.transfer_id \
+             WHERE e.ledger_account_id = $1 AND t.kind = 'settle' AND t.created_at >= $2 AND t.created_at < $3",
+        )
+        .bind(earnings_id(creator_id))
+        .bind(from)
+        .bind(to)
+        .fetch_one(conn)
+        .await?
+        .try_get(0)?)
+    }
+
+    /// Accounts with earnings from calls settled before `to` (epoch ms), by id.
+    pub(crate) async fn creators_before(&self, to: i64) -> Result<Vec<String>, BillingError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT e.ledger_account_id FROM ledger_entries e \
+             JOIN ledger_transfers t ON t.id = e.transfer_id \
+             WHERE t.kind = 'settle' AND t.created_at < $1 AND e.ledger_account_id LIKE 'earnings:%' \
+             ORDER BY e.ledger_account_id",
+        )
+        .bind(to)
+        .fetch_all(self.store.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get(0)?;
+                Ok(id.trim_start_matches("earnings:").to_owned())
+            })
+            .collect()
+    }
+
+    /// Books a payout of `amount_micros` (whole cents) inside `tx`: earnings →
+    /// `external:payouts`. Returns the transfer id.
+    pub(crate) async fn book_payout_in(
+        &self,
+        tx: &mut Tx,
+        creator_id: &str,
+        amount_micros: i64,
+        memo: &str,
+        at: i64,
+    ) -> Result<String, BillingError> {
+        if amount_micros <= 0 || amount_micros % CENT_MICROS != 0 {
+            return Err(BillingError::InvalidAmount(format!(
+                "a payout is a positive number of whole cents, not {amount_micros} micros"
+            )));
+        }
+        let earnings = earnings_id(creator_id);
+        post_transfer(
+            tx,
+            "payout",
+            None,
+            amount_micros,
+            &[
+                (&earnings, -amount_micros),
+                (EXTERNAL_PAYOUTS, amount_micros),
+            ],
+            memo,
+            at,
+        )
+        .await
+        .map_err(|e| match e {
+            BillingError::InvalidAmount(_) => BillingError::Unreconciled(format!(
+                "{earnings} cannot pay out {amount_micros} micros"
+            )),
+            other => other,
+        })
+    }
+
+    /// Books the reversal of `amount_micros` of a payment inside `tx` (a refund or a
+    /// dispute at the payment provider): the wallet gives back what it holds, up to the
+    /// amount, and `platform:losses` the rest; both go to `external:topups`. Returns the
+    /// transfer id and the loss, micros.
+    pub(crate) async fn reverse_payment_in(
+        &self,
+        tx: &mut Tx,
+        account_id: &str,
+        amount_micros: i64,
+        memo: &str,
+        at: i64,
+    ) -> Result<(String, i64), BillingError> {
+        if amount_micros <= 0 {
+            return Err(BillingError::InvalidAmount(format!(
+                "a reversal is positive, not {amount_micros} micros"
+            )));
+        }
+        let wallet = wallet_id(account_id);
+        lock_ledger_account(tx, self.store.backend(), &wallet).await?;
+        let balance = balance_of(tx, &wallet).await?;
+        let from_wallet = balance.min(amount_micros);
+        let loss = amount_micros - from_wallet;
+        if from_wallet > 0 {
+            debit_wallet(tx, account_id, from_wallet, at, None).await?;
+        }
+        let id = insert_transfer(tx, "reversal", None, amount_micros, memo, at).await?;
+        write_entries(
+            tx,
+            &id,
+            &[
+                (&wallet, -from_wallet),
+                (PLATFORM_LOSSES, -loss),
+                (EXTERNAL_TOPUPS, amount_micros),
+            ],
+            |a| a != wallet,
+        )
+        .await?;
+        Ok((id.0, loss))
+    }
+
+    // ---- Reads for invoices -----------------------------------------------------------
+
+    /// The account's funds at instant `t` (epoch ms): its wallet plus what it had on hold
+    /// for calls in flight then, micros. An invoice's opening and closing balance.
+    pub(crate) async fn funds_at(
+        conn: &mut AnyConnection,
+        account_id: &str,
+        t: i64,
+    ) -> Result<i64, BillingError> {
+        let wallet: i64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(e.amount), 0) AS BIGINT) FROM ledger_entries e \
+             JOIN ledger_transfers t ON t.id = e.transfer_id \
+             WHERE e.ledger_account_id = $1 AND t.created_at < $2",
+        )
+        .bind(wallet_id(account_id))
+        .bind(t)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+        let held: i64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls \
+             WHERE account_id = $1 AND created_at < $2 AND (finished_at IS NULL OR finished_at >= $2)",
+        )
+        .bind(account_id)
+        .bind(t)
+        .fetch_one(conn)
+        .await?
+        .try_get(0)?;
+        Ok(wallet + held)
+    }
+
+    /// The account's wallet movements in `[from, to)` other than calls' reserves and
+    /// refunds (those only move money to holds and back), oldest first.
+    pub(crate) async fn wallet_movements(
+        conn: &mut AnyConnection,
+        account_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<WalletMovement>, BillingError> {
+        let rows = sqlx::query(
+            "SELECT t.kind, t.memo, t.created_at, e.amount FROM ledger_entries e \
+             JOIN ledger_transfers t ON t.id = e.transfer_id \
+             WHERE e.ledger_account_id = $1 AND t.created_at >= $2 AND t.created_at < $3 \
+             AND t.kind NOT IN ('reserve', 'refund') ORDER BY t.created_at, t.id",
+        )
+        .bind(wallet_id(account_id))
+        .bind(from)
+        .bind(to)
+        .fetch_all(conn)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WalletMovement {
+                    kind: r.try_get(0)?,
+                    memo: r.try_get(1)?,
+                    at: r.try_get(2)?,
+                    amount: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The sum of `settle` transfers of the account's calls in `[from, to)`, micros.
+    pub(crate) async fn settled_between(
+        conn: &mut AnyConnection,
+        account_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<i64, BillingError> {
+        Ok(sqlx::query(
+            "SELECT CAST(COALESCE(SUM(t.amount), 0) AS BIGINT) FROM ledger_transfers t \
+             JOIN calls c ON c.id = t.call_id \
+             WHERE t.kind = 'settle' AND c.account_id = $1 AND t.created_at >= $2 AND t.created_at < $3",
+        )
+        .bind(account_id)
+        .bind(from)
+        .bind(to)
+        .fetch_one(conn)
+        .await?
+        .try_get(0)?)
+    }
+
+    /// Accounts that may need an invoice for `[.., to)`: any wallet entry or call before `to`.
+    pub(crate) async fn accounts_with_activity_before(
+        conn: &mut AnyConnection,
+        to: i64,
+    ) -> Result<Vec<String>, BillingError> {
+        let rows = sqlx::query(
+            "SELECT a.id FROM accounts a WHERE EXISTS (SELECT 1 FROM calls c WHERE c.account_id = a.id AND c.created_at < $1) \
+             OR EXISTS (SELECT 1 FROM ledger_entries e JOIN ledger_transfers t ON t.id = e.transfer_id \
+                        WHERE e.ledger_account_id = 'wallet:' || a.id AND t.created_at < $1) \
+             ORDER BY a.name",
+        )
+        .bind(to)
+        .fetch_all(conn)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    // ---- Verification -------------------------------------------------------------------
+
+    /// Checks every invariant and returns the broken ones (empty when all hold):
+    ///
+    /// - DESIGN.md "Ledger": entries sum to zero overall and per transfer; every balance
+    ///   equals the sum of its entries; the balances of all ledger accounts sum to zero
+    ///   (the external accounts balance everything: no money created or lost); `holds`
+    ///   equals the open reservations; no wallet is negative; every call has one reserve
+    ///   and at most one of settle/refund, matching its status;
+    /// - quotas: every monthly usage counter equals the calls it counts;
+    /// - plans: every subscription period's fee and credits equal their transfers, and
+    ///   every subscription or included-credits transfer belongs to a period;
+    /// - payouts: every payout equals the earnings it consumed plus the sub-cent
+    ///   remainder carried in, minus the remainder carried out, and the chain of a
+    ///   creator's payouts has no gap or overlap; every payout transfer has its payout;
+    /// - payments: every Stripe payment was credited by one top-up of its amount and
+    ///   reversed by transfers summing to its reversed amount;
+    /// - invoices: every stored invoice's totals equal the ledger's transfers of its month,
+    ///   its balances reconcile, and regenerating it yields the same bytes.
     ///
     /// # Errors
     /// [`BillingError::Store`].
     pub async fn verify(&self) -> Result<Vec<String>, BillingError> {
+        let mut broken = self.verify_core().await?;
+        broken.extend(self.verify_counters().await?);
+        broken.extend(self.verify_subscriptions().await?);
+        broken.extend(self.verify_payouts().await?);
+        broken.extend(self.verify_payments().await?);
+        broken.extend(super::invoices::verify(self).await?);
+        Ok(broken)
+    }
+
+    async fn verify_core(&self) -> Result<Vec<String>, BillingError> {
         let pool = self.store.pool();
         let mut broken = Vec::new();
         let total: i64 =
@@ -495,12 +1349,17 @@ impl Ledger {
                 "{id}: balance {balance} but its entries sum to {sum}"
             ));
         }
-        let holds = scalar(
-            pool,
-            "SELECT CAST(COALESCE(MAX(balance), 0) AS BIGINT) FROM ledger_accounts WHERE id = $1",
-            HOLDS,
-        )
-        .await?;
+        let balances: i64 =
+            sqlx::query("SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM ledger_accounts")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?;
+        if balances != 0 {
+            broken.push(format!(
+                "the balances of all ledger accounts sum to {balances} micros, not zero: money was created or lost"
+            ));
+        }
+        let holds = scalar(pool, BALANCE_SQL, HOLDS).await?;
         let open: i64 = sqlx::query(
             "SELECT CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls WHERE status = 'reserved'",
         )
@@ -552,6 +1411,229 @@ impl Ledger {
         Ok(broken)
     }
 
+    async fn verify_counters(&self) -> Result<Vec<String>, BillingError> {
+        let pool = self.store.pool();
+        let mut broken = Vec::new();
+        let mut counted = (0i64, 0i64);
+        for row in sqlx::query("SELECT account_id, month, calls, spent_micros FROM usage_counters")
+            .fetch_all(pool)
+            .await?
+        {
+            let account: String = row.try_get(0)?;
+            let month_text: String = row.try_get(1)?;
+            let (calls, spent): (i64, i64) = (row.try_get(2)?, row.try_get(3)?);
+            counted.0 += calls;
+            counted.1 += spent;
+            let Ok(month) = month_text.parse::<Month>() else {
+                broken.push(format!(
+                    "usage counter of {account} has a bad month '{month_text}'"
+                ));
+                continue;
+            };
+            let actual = sqlx::query(
+                "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls \
+                 WHERE account_id = $1 AND status <> 'refunded' AND created_at >= $2 AND created_at < $3",
+            )
+            .bind(&account)
+            .bind(month.start_ms())
+            .bind(month.end_ms())
+            .fetch_one(pool)
+            .await?;
+            let (n, sum): (i64, i64) = (actual.try_get(0)?, actual.try_get(1)?);
+            if (n, sum) != (calls, spent) {
+                broken.push(format!(
+                    "usage counter of {account} for {month} says {calls} calls / {spent} micros, the calls say {n} / {sum}"
+                ));
+            }
+        }
+        let all = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls \
+             WHERE status <> 'refunded'",
+        )
+        .fetch_one(pool)
+        .await?;
+        let all: (i64, i64) = (all.try_get(0)?, all.try_get(1)?);
+        if all != counted {
+            broken.push(format!(
+                "usage counters hold {} calls / {} micros, the calls {} / {}",
+                counted.0, counted.1, all.0, all.1
+            ));
+        }
+        Ok(broken)
+    }
+
+    async fn verify_subscriptions(&self) -> Result<Vec<String>, BillingError> {
+        let pool = self.store.pool();
+        let mut broken = Vec::new();
+        for row in sqlx::query(
+            "SELECT p.id, p.account_id, p.month, p.fee_micros, p.credits_micros, \
+               f.kind, CAST(COALESCE(f.amount, -1) AS BIGINT), \
+               c.kind, CAST(COALESCE(c.amount, -1) AS BIGINT), \
+               CAST((SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e \
+                     WHERE e.transfer_id = p.fee_transfer_id AND e.ledger_account_id = 'wallet:' || p.account_id) AS BIGINT), \
+               CAST((SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e \
+                     WHERE e.transfer_id = p.credits_transfer_id AND e.ledger_account_id = 'wallet:' || p.account_id) AS BIGINT) \
+             FROM subscription_periods p \
+             LEFT JOIN ledger_transfers f ON f.id = p.fee_transfer_id \
+             LEFT JOIN ledger_transfers c ON c.id = p.credits_transfer_id",
+        )
+        .fetch_all(pool)
+        .await?
+        {
+            let id: String = row.try_get(0)?;
+            let account: String = row.try_get(1)?;
+            let month: String = row.try_get(2)?;
+            let fee: i64 = row.try_get(3)?;
+            let credits: i64 = row.try_get(4)?;
+            let fee_kind: Option<String> = row.try_get(5)?;
+            let fee_amount: i64 = row.try_get(6)?;
+            let credits_kind: Option<String> = row.try_get(7)?;
+            let credits_amount: i64 = row.try_get(8)?;
+            let fee_entry: i64 = row.try_get(9)?;
+            let credits_entry: i64 = row.try_get(10)?;
+            let fee_ok = if fee == 0 {
+                fee_kind.is_none()
+            } else {
+                fee_kind.as_deref() == Some("subscription")
+                    && fee_amount == fee
+                    && fee_entry == -fee
+            };
+            let credits_ok = if credits == 0 {
+                credits_kind.is_none()
+            } else {
+                credits_kind.as_deref() == Some("included_credits")
+                    && credits_amount == credits
+                    && credits_entry == credits
+            };
+            if !fee_ok || !credits_ok {
+                broken.push(format!(
+                    "subscription period {id} of {account} for {month} (fee {fee}, credits {credits}) \
+                     does not match its transfers ({fee_amount}, {credits_amount})"
+                ));
+            }
+        }
+        for row in sqlx::query(
+            "SELECT t.id, t.kind FROM ledger_transfers t WHERE t.kind IN ('subscription', 'included_credits') \
+             AND NOT EXISTS (SELECT 1 FROM subscription_periods p WHERE p.fee_transfer_id = t.id OR p.credits_transfer_id = t.id)",
+        )
+        .fetch_all(pool)
+        .await?
+        {
+            let id: String = row.try_get(0)?;
+            let kind: String = row.try_get(1)?;
+            broken.push(format!("{kind} transfer {id} belongs to no subscription period"));
+        }
+        Ok(broken)
+    }
+
+    async fn verify_payouts(&self) -> Result<Vec<String>, BillingError> {
+        let pool = self.store.pool();
+        let mut broken = Vec::new();
+        let rows = sqlx::query(
+            "SELECT p.id, p.account_id, p.amount_micros, p.earned_micros, p.carried_in_micros, \
+               p.carried_out_micros, p.earned_from, p.earned_to, CAST(COALESCE(t.amount, -1) AS BIGINT), t.kind, \
+               CAST((SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e \
+                     WHERE e.transfer_id = p.transfer_id AND e.ledger_account_id = 'earnings:' || p.account_id) AS BIGINT) \
+             FROM payouts p LEFT JOIN ledger_transfers t ON t.id = p.transfer_id \
+             WHERE p.status = 'paid' ORDER BY p.account_id, p.earned_to",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut conn = pool.acquire().await?;
+        let mut previous: Option<(String, i64, i64)> = None;
+        for row in rows {
+            let id: String = row.try_get(0)?;
+            let account: String = row.try_get(1)?;
+            let amount: i64 = row.try_get(2)?;
+            let earned: i64 = row.try_get(3)?;
+            let carried_in: i64 = row.try_get(4)?;
+            let carried_out: i64 = row.try_get(5)?;
+            let from: i64 = row.try_get(6)?;
+            let to: i64 = row.try_get(7)?;
+            let transfer_amount: i64 = row.try_get(8)?;
+            let transfer_kind: Option<String> = row.try_get(9)?;
+            let earnings_entry: i64 = row.try_get(10)?;
+            let (expected_from, expected_carry) = match &previous {
+                Some((a, to, carry)) if *a == account => (*to, *carry),
+                _ => (0, 0),
+            };
+            if from != expected_from || carried_in != expected_carry {
+                broken.push(format!(
+                    "payout {id} of {account} starts at {from} carrying {carried_in}, \
+                     but the previous payout ended at {expected_from} carrying {expected_carry}"
+                ));
+            }
+            let consumed = Self::earnings_between(&mut conn, &account, from, to).await?;
+            if consumed != earned || amount + carried_out != carried_in + earned {
+                broken.push(format!(
+                    "payout {id} of {account}: {amount} paid + {carried_out} carried out ≠ \
+                     {carried_in} carried in + {earned} earned (the ledger says {consumed} was earned)"
+                ));
+            }
+            if transfer_kind.as_deref() != Some("payout")
+                || transfer_amount != amount
+                || earnings_entry != -amount
+            {
+                broken.push(format!(
+                    "payout {id} of {account} ({amount} micros) does not match its transfer ({transfer_amount})"
+                ));
+            }
+            previous = Some((account, to, carried_out));
+        }
+        // SQLite has one connection: give it back before the next query.
+        drop(conn);
+        for row in sqlx::query(
+            "SELECT t.id FROM ledger_transfers t WHERE t.kind = 'payout' \
+             AND NOT EXISTS (SELECT 1 FROM payouts p WHERE p.transfer_id = t.id)",
+        )
+        .fetch_all(pool)
+        .await?
+        {
+            let id: String = row.try_get(0)?;
+            broken.push(format!("payout transfer {id} belongs to no payout"));
+        }
+        Ok(broken)
+    }
+
+    async fn verify_payments(&self) -> Result<Vec<String>, BillingError> {
+        let pool = self.store.pool();
+        let mut broken = Vec::new();
+        for row in sqlx::query(
+            "SELECT p.payment_key, p.amount_micros, p.reversed_micros, t.kind, CAST(COALESCE(t.amount, -1) AS BIGINT), \
+               CAST((SELECT COALESCE(SUM(r.amount_micros), 0) FROM stripe_reversals r WHERE r.payment_key = p.payment_key) AS BIGINT), \
+               CAST((SELECT COALESCE(SUM(rt.amount), 0) FROM stripe_reversals r JOIN ledger_transfers rt ON rt.id = r.transfer_id \
+                     WHERE r.payment_key = p.payment_key AND rt.kind = 'reversal') AS BIGINT) \
+             FROM stripe_payments p LEFT JOIN ledger_transfers t ON t.id = p.credit_transfer_id",
+        )
+        .fetch_all(pool)
+        .await?
+        {
+            let key: String = row.try_get(0)?;
+            let amount: i64 = row.try_get(1)?;
+            let reversed: i64 = row.try_get(2)?;
+            let kind: Option<String> = row.try_get(3)?;
+            let credited: i64 = row.try_get(4)?;
+            let reversals: i64 = row.try_get(5)?;
+            let reversal_transfers: i64 = row.try_get(6)?;
+            let credit_ok = match kind.as_deref() {
+                Some("topup") => credited == amount,
+                None => amount == 0,
+                _ => false,
+            };
+            if !credit_ok {
+                broken.push(format!(
+                    "payment {key} of {amount} micros was credited {credited}"
+                ));
+            }
+            if reversals != reversed || reversal_transfers != reversed || reversed > amount {
+                broken.push(format!(
+                    "payment {key}: {reversed} micros reversed, its reversal transfers sum to {reversal_transfers}"
+                ));
+            }
+        }
+        Ok(broken)
+    }
+
     /// Refunds every reservation whose hold expired before `now_ms` (a crash between
     /// reserve and settle left it), with error kind `abandoned`. Returns how many.
     ///
@@ -566,7 +1648,7 @@ impl Ledger {
         let mut refunded = 0;
         for row in rows {
             let id: String = row.try_get(0)?;
-            match self.refund(&id, "abandoned", 0).await {
+            match self.refund(&id, "abandoned", CallStats::default()).await {
                 Ok(_) => refunded += 1,
                 // Finished meanwhile by the call itself: nothing to sweep.
                 Err(BillingError::NotReserved(_)) => {}
@@ -577,23 +1659,230 @@ impl Ledger {
     }
 }
 
+const BALANCE_SQL: &str =
+    "SELECT CAST(COALESCE(MAX(balance), 0) AS BIGINT) FROM ledger_accounts WHERE id = $1";
+
 /// The start of the spend-limit period containing `now_ms` (UTC day or month), epoch ms.
 fn period_start_ms(period: &str, now_ms: i64) -> i64 {
-    use chrono::{Datelike, TimeZone, Utc};
-    let now = Utc
-        .timestamp_millis_opt(now_ms)
-        .single()
-        .unwrap_or_else(Utc::now);
-    let day = now.date_naive();
-    let start = if period == "month" {
-        day.with_day(1).unwrap_or(day)
-    } else {
-        day
+    if period == "month" {
+        return Month::of_ms(now_ms).start_ms();
+    }
+    now_ms - now_ms.rem_euclid(86_400_000)
+}
+
+async fn key_spent(
+    conn: &mut AnyConnection,
+    key_id: &str,
+    since: i64,
+) -> Result<i64, BillingError> {
+    Ok(sqlx::query(
+        "SELECT CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls \
+         WHERE key_id = $1 AND created_at >= $2 AND status <> 'refunded'",
+    )
+    .bind(key_id)
+    .bind(since)
+    .fetch_one(conn)
+    .await?
+    .try_get(0)?)
+}
+
+/// Books one subscription period inside `tx` (the wallet already locked): the fee and
+/// credits of `plan` prorated from `starts_at` to the end of `month`, then the period row.
+///
+/// # Errors
+/// [`BillingError::Invalid`] when the period is booked already;
+/// [`BillingError::InsufficientCredits`] when the wallet cannot pay the fee.
+async fn book_period(
+    tx: &mut Tx,
+    account_id: &str,
+    account_plan_id: &str,
+    plan: &Plan,
+    month: Month,
+    starts_at: i64,
+    at: i64,
+) -> Result<BookedPeriod, BillingError> {
+    let booked = sqlx::query(
+        "SELECT id FROM subscription_periods WHERE account_id = $1 AND account_plan_id = $2 AND month = $3",
+    )
+    .bind(account_id)
+    .bind(account_plan_id)
+    .bind(month.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
+    if booked.is_some() {
+        return Err(BillingError::Invalid(format!(
+            "the {month} period of this plan is booked already"
+        )));
+    }
+    let starts_at = starts_at.max(month.start_ms());
+    let fee = prorate(
+        plan.monthly_fee_micros,
+        month.start_ms(),
+        month.end_ms(),
+        starts_at,
+    );
+    let credits = prorate(
+        plan.included_credits_micros,
+        month.start_ms(),
+        month.end_ms(),
+        starts_at,
+    );
+    let wallet = wallet_id(account_id);
+    let mut fee_transfer = None;
+    if fee > 0 {
+        debit_wallet(tx, account_id, fee, at, None).await?;
+        let id = insert_transfer(
+            tx,
+            "subscription",
+            None,
+            fee,
+            &format!("{} plan, {month}", plan.name),
+            at,
+        )
+        .await?;
+        write_entries(tx, &id, &[(&wallet, -fee), (PLATFORM_REVENUE, fee)], |a| {
+            a != wallet
+        })
+        .await?;
+        fee_transfer = Some(id.0);
+    }
+    let mut credits_transfer = None;
+    if credits > 0 {
+        let id = post_transfer(
+            tx,
+            "included_credits",
+            None,
+            credits,
+            &[(&wallet, credits), (PLATFORM_INCLUDED_CREDITS, -credits)],
+            &format!("{} plan credits, {month}", plan.name),
+            at,
+        )
+        .await?;
+        rearm_low_balance(tx, &wallet).await?;
+        credits_transfer = Some(id);
+    }
+    sqlx::query(
+        "INSERT INTO subscription_periods (id, account_id, account_plan_id, month, plan_id, plan_name, \
+         starts_at, fee_micros, credits_micros, fee_transfer_id, credits_transfer_id, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(account_id)
+    .bind(account_plan_id)
+    .bind(month.to_string())
+    .bind(&plan.id)
+    .bind(&plan.name)
+    .bind(starts_at)
+    .bind(fee)
+    .bind(credits)
+    .bind(fee_transfer)
+    .bind(credits_transfer)
+    .bind(at)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            BillingError::Invalid(format!("the {month} period of this plan is booked already"))
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(BookedPeriod {
+        month: month.to_string(),
+        plan: plan.id.clone(),
+        starts_at,
+        fee_micros: fee,
+        credits_micros: credits,
+    })
+}
+
+/// The guarded debit of a wallet: moves `amount` out only if the wallet holds it, and
+/// records a low-balance alert when the debit crosses the wallet's threshold (once: the
+/// alert stays set until a credit from outside lifts the balance back over it). Returns
+/// the new balance; the caller writes the entry.
+///
+/// # Errors
+/// [`BillingError::InsufficientCredits`] with nothing changed.
+async fn debit_wallet(
+    tx: &mut Tx,
+    account_id: &str,
+    amount: i64,
+    at: i64,
+    call_id: Option<&str>,
+) -> Result<i64, BillingError> {
+    let wallet = wallet_id(account_id);
+    let row = sqlx::query(
+        "UPDATE ledger_accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1 \
+         RETURNING balance, low_balance_micros, low_balance_alerted",
+    )
+    .bind(amount)
+    .bind(&wallet)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else {
+        let balance_micros = balance_of(tx, &wallet).await.unwrap_or(0);
+        return Err(BillingError::InsufficientCredits {
+            price_micros: amount,
+            balance_micros,
+        });
     };
-    start
-        .and_hms_opt(0, 0, 0)
-        .map(|t| Utc.from_utc_datetime(&t).timestamp_millis())
-        .unwrap_or(now_ms)
+    let balance: i64 = row.try_get(0)?;
+    let threshold: Option<i64> = row.try_get(1)?;
+    let alerted: i64 = row.try_get(2)?;
+    if let Some(threshold) = threshold
+        && balance < threshold
+        && alerted == 0
+    {
+        let first = sqlx::query(
+            "UPDATE ledger_accounts SET low_balance_alerted = 1 WHERE id = $1 AND low_balance_alerted = 0",
+        )
+        .bind(&wallet)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if first {
+            sqlx::query(
+                "INSERT INTO balance_alerts (id, account_id, kind, threshold_micros, balance_micros, call_id, created_at) \
+                 VALUES ($1, $2, 'low_balance', $3, $4, $5, $6)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(account_id)
+            .bind(threshold)
+            .bind(balance)
+            .bind(call_id)
+            .bind(at)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(balance)
+}
+
+/// Re-arms the low-balance alert of `wallet` once a credit from outside lifted it to
+/// its threshold or above (a call's refund does not re-arm it, so a balance hovering at
+/// the threshold alerts once).
+async fn rearm_low_balance(tx: &mut Tx, wallet: &str) -> Result<(), BillingError> {
+    sqlx::query(
+        "UPDATE ledger_accounts SET low_balance_alerted = 0 \
+         WHERE id = $1 AND low_balance_alerted = 1 AND balance >= low_balance_micros",
+    )
+    .bind(wallet)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Locks a ledger account's row until the transaction ends (PostgreSQL `FOR UPDATE`;
+/// SQLite has one writer, so nothing to do).
+async fn lock_ledger_account(tx: &mut Tx, backend: Backend, id: &str) -> Result<(), BillingError> {
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT id FROM ledger_accounts WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn scalar(pool: &sqlx::AnyPool, sql: &'static str, arg: &str) -> Result<i64, BillingError> {
@@ -604,14 +1893,24 @@ async fn scalar(pool: &sqlx::AnyPool, sql: &'static str, arg: &str) -> Result<i6
         .try_get(0)?)
 }
 
-async fn balance_of(tx: &mut Tx, ledger_account: &str) -> Result<i64, BillingError> {
+async fn balance_of(conn: &mut AnyConnection, ledger_account: &str) -> Result<i64, BillingError> {
     Ok(
         sqlx::query("SELECT balance FROM ledger_accounts WHERE id = $1")
             .bind(ledger_account)
-            .fetch_one(&mut **tx)
+            .fetch_one(conn)
             .await?
             .try_get(0)?,
     )
+}
+
+fn is_foreign_key_violation(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| c == "23503" || c == "787")
+                || db.message().contains("FOREIGN KEY constraint failed")
+        }
+        _ => false,
+    }
 }
 
 /// The id of a written transfer, to attach entries to.
@@ -623,6 +1922,7 @@ async fn insert_transfer(
     call_id: Option<&str>,
     amount: i64,
     memo: &str,
+    at: i64,
 ) -> Result<TransferId, BillingError> {
     let id = uuid::Uuid::now_v7().to_string();
     sqlx::query(
@@ -634,10 +1934,28 @@ async fn insert_transfer(
     .bind(call_id)
     .bind(amount)
     .bind(memo)
-    .bind(now_ms())
+    .bind(at)
     .execute(&mut **tx)
     .await?;
     Ok(TransferId(id))
+}
+
+/// The place of a ledger account in the lock order: wallets, then holds, then
+/// earnings, then the platform's accounts, then the external ones. Every transaction
+/// that moves several balances moves them in this order, so two can never wait on each
+/// other in a cycle (PostgreSQL would abort one as a deadlock).
+pub fn lock_rank(ledger_account: &str) -> u8 {
+    if ledger_account.starts_with("wallet:") {
+        0
+    } else if ledger_account == HOLDS {
+        1
+    } else if ledger_account.starts_with("earnings:") {
+        2
+    } else if ledger_account.starts_with("platform:") {
+        3
+    } else {
+        4
+    }
 }
 
 async fn write_entries(
@@ -647,7 +1965,9 @@ async fn write_entries(
     update_balance: impl Fn(&str) -> bool,
 ) -> Result<(), BillingError> {
     debug_assert_eq!(entries.iter().map(|(_, a)| a).sum::<i64>(), 0);
-    for (account, amount) in entries {
+    let mut ordered: Vec<&(&str, i64)> = entries.iter().collect();
+    ordered.sort_by_key(|(account, _)| (lock_rank(account), *account));
+    for (account, amount) in ordered {
         if *amount == 0 {
             continue;
         }
@@ -682,7 +2002,7 @@ async fn write_entries(
     Ok(())
 }
 
-/// Writes a transfer and its entries, and moves every touched balance.
+/// Writes a transfer and its entries, and moves every touched balance. Returns its id.
 async fn post_transfer(
     tx: &mut Tx,
     kind: &str,
@@ -690,7 +2010,49 @@ async fn post_transfer(
     amount: i64,
     entries: &[(&str, i64)],
     memo: &str,
-) -> Result<(), BillingError> {
-    let id = insert_transfer(tx, kind, call_id, amount, memo).await?;
-    write_entries(tx, &id, entries, |_| true).await
+    at: i64,
+) -> Result<String, BillingError> {
+    let id = insert_transfer(tx, kind, call_id, amount, memo, at).await?;
+    write_entries(tx, &id, entries, |_| true).await?;
+    Ok(id.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_order_puts_wallets_first_and_external_last() {
+        let mut accounts = vec![
+            EXTERNAL_TOPUPS,
+            PLATFORM_REVENUE,
+            "earnings:a",
+            HOLDS,
+            "wallet:b",
+        ];
+        accounts.sort_by_key(|a| (lock_rank(a), *a));
+        assert_eq!(
+            accounts,
+            vec![
+                "wallet:b",
+                HOLDS,
+                "earnings:a",
+                PLATFORM_REVENUE,
+                EXTERNAL_TOPUPS
+            ]
+        );
+    }
+
+    #[test]
+    fn spend_limit_periods_start_at_utc_midnight_and_month_start() {
+        let t = super::super::period::parse_instant("2026-11-15T13:45:00Z").unwrap();
+        assert_eq!(
+            period_start_ms("day", t),
+            super::super::period::parse_instant("2026-11-15").unwrap()
+        );
+        assert_eq!(
+            period_start_ms("month", t),
+            super::super::period::parse_instant("2026-11").unwrap()
+        );
+    }
 }

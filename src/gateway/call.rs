@@ -6,8 +6,8 @@
 //! 3. rate limit: checked before rmcp sees the request (`gateway::limits`, HTTP 429);
 //!    here the call's trust policy is read and the server's concurrency cap applied;
 //! 4. circuit breaker: not part of this layer yet (the reliability layer adds it here);
-//! 5. reserve the price (one transaction; insufficient credits or the key's spend
-//!    limits refuse the call before anything is sent);
+//! 5. reserve the price (one transaction; insufficient credits, the key's spend limits
+//!    or the plan's monthly call quota refuse the call before anything is sent);
 //! 6. forward over the (account, server) upstream session, with the secret, the
 //!    creator's credentials, a signed per-call token and `X-Request-Id`, under the
 //!    server's timeout, streaming progress and log messages back; then content
@@ -33,7 +33,7 @@ use crate::auth::Scope;
 use crate::auth::signing::{UPSTREAM_TOKEN_TTL_SECS, UpstreamClaims, now_secs};
 use crate::billing::pricing::format_usd;
 use crate::billing::receipts::RECEIPT_META_KEY;
-use crate::billing::{BillingError, Outcome, Receipt, Reservation};
+use crate::billing::{BillingError, CallStats, Outcome, Receipt, Reservation};
 use crate::security::audit::{self, Actor};
 use crate::security::policy::Effective;
 use crate::security::scan::{self, Finding, ScanMode, WARNINGS_META_KEY};
@@ -133,6 +133,8 @@ pub async fn call_tool(
     } else {
         server.price_of(&tool.name)
     };
+    // Bytes in, for the usage log (the arguments as JSON).
+    let request_bytes = serde_json::to_vec(&args).map_or(0, |v| v.len() as i64);
     let reservation = Reservation {
         call_id: call_id.clone(),
         account_id: key.account_id.clone(),
@@ -143,6 +145,7 @@ pub async fn call_tool(
         fee_bps: app.config.platform_fee_bps,
         hold_expires_at: now_ms() + server.timeout_ms + HOLD_GRACE_MS,
         spend_limits: key.spend_limits.clone(),
+        request_bytes,
     };
     match app.ledger.reserve(&reservation).await {
         Ok(_) => {}
@@ -173,6 +176,22 @@ pub async fn call_tool(
                     format_usd(limit_micros)
                 ),
                 None,
+            ));
+        }
+        Err(BillingError::QuotaExceeded {
+            plan,
+            quota,
+            resets_at_ms,
+        }) => {
+            let retry = (resets_at_ms - now_ms()).max(0) / 1000;
+            return Ok(tool_error(
+                "quota_exceeded",
+                format!(
+                    "This account's {plan} plan allows {quota} calls per month and they are used up. \
+                     Upgrade the plan or wait until {}. You were not charged.",
+                    crate::billing::period::rfc3339(resets_at_ms)
+                ),
+                Some(retry as u64),
             ));
         }
         Err(e) => return Err(internal(e)),
@@ -252,8 +271,13 @@ pub async fn call_tool(
             (tool_error(e.kind(), message, retry), Some(e.kind()))
         }
     };
+    // Bytes out, for the usage log (the result as JSON, before the receipt).
+    let stats = CallStats {
+        latency_ms,
+        response_bytes: serde_json::to_vec(&result).map_or(0, |v| v.len() as i64),
+    };
     let (outcome, balance_after) = match failure {
-        None => match app.ledger.settle(&call_id, latency_ms).await {
+        None => match app.ledger.settle(&call_id, stats).await {
             Ok(b) => (Outcome::Settled, b),
             // Swept as abandoned while the upstream was slow: the caller keeps the result
             // and is not charged.
@@ -266,7 +290,7 @@ pub async fn call_tool(
             if result.is_error == Some(true) && kind == "upstream_error" {
                 mark_error(&mut result, kind);
             }
-            match app.ledger.refund(&call_id, kind, latency_ms).await {
+            match app.ledger.refund(&call_id, kind, stats).await {
                 Ok(b) => (Outcome::Refunded, b),
                 Err(BillingError::NotReserved(_)) => {
                     (Outcome::Refunded, wallet(app, &key.account_id).await?)

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use super::Caller;
 use crate::app::App;
 use crate::auth::Scope;
+use crate::billing::Month;
 use crate::billing::pricing::{format_pricing, format_usd};
 use crate::catalog::{CatalogTool, Server};
 
@@ -163,8 +164,23 @@ pub fn marketplace_tools() -> Vec<(Tool, Option<Scope>)> {
             tool(
                 "get_balance",
                 "Your marketplace wallet: spendable balance, credits held for calls in flight and creator \
-                 earnings, in micros of USD (1 USD = 1,000,000) and as decimal strings.",
+                 earnings, in micros of USD (1 USD = 1,000,000) and as decimal strings; your plan, spend \
+                 this month against its quota and this key's spend limit, and the low-balance threshold.",
                 json!({"type": "object", "properties": {}}),
+                true,
+            ),
+            None,
+        ),
+        (
+            tool(
+                "get_usage",
+                "Your usage this month (or the month given as YYYY-MM, UTC): your plan, calls counted \
+                 against its monthly quota and calls left, spend, this key's spend limit, the low-balance \
+                 threshold, and calls and charges per server and tool. Money in micros of USD.",
+                json!({"type": "object", "properties": {
+                    "month": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$",
+                              "description": "A UTC month such as 2026-11; default: this month."}
+                }}),
                 true,
             ),
             None,
@@ -231,6 +247,30 @@ pub fn tool_error(kind: &str, message: String, retry_after_s: Option<u64>) -> Ca
     r
 }
 
+/// The caller's plan, spend and limits for `month` as JSON.
+async fn spend_summary(
+    app: &App,
+    key: &crate::auth::KeyContext,
+    month: Month,
+) -> Result<Value, ErrorData> {
+    let summary = crate::billing::usage::spend_summary(
+        &app.ledger,
+        &key.account_id,
+        Some((key.key_id.as_str(), key.spend_limits.as_slice())),
+        month,
+    )
+    .await
+    .map_err(internal)?;
+    serde_json::to_value(summary).map_err(internal)
+}
+
+/// Adds the fields of object `extra` to object `out`.
+fn merge(out: &mut Value, extra: Value) {
+    if let (Some(out), Value::Object(extra)) = (out.as_object_mut(), extra) {
+        out.extend(extra);
+    }
+}
+
 fn server_summary(s: &Server, installed: bool, tools: &[CatalogTool]) -> Value {
     json!({
         "slug": s.slug,
@@ -282,14 +322,41 @@ pub async fn call_marketplace(
                 .account_balance(&key.account_id)
                 .await
                 .map_err(internal)?;
-            Ok(ok(json!({
+            let month = Month::of_ms(app.ledger.now_ms());
+            let summary = spend_summary(app, key, month).await?;
+            let mut out = json!({
                 "account": key.account_name,
                 "balance_micros": b.wallet_micros,
                 "balance": format_usd(b.wallet_micros),
                 "holds_micros": b.holds_micros,
                 "earnings_micros": b.earnings_micros,
                 "currency": "USD",
-            })))
+            });
+            merge(&mut out, summary);
+            Ok(ok(out))
+        }
+        "get_usage" => {
+            let month = match args.get("month") {
+                None | Some(Value::Null) => Month::of_ms(app.ledger.now_ms()),
+                Some(Value::String(m)) => match m.parse::<Month>() {
+                    Ok(m) => m,
+                    Err(e) => return Ok(tool_error("invalid_arguments", format!("{e}."), None)),
+                },
+                Some(_) => {
+                    return Ok(tool_error(
+                        "invalid_arguments",
+                        "Give 'month' as a string such as 2026-11.".into(),
+                        None,
+                    ));
+                }
+            };
+            let mut out = json!({"account": key.account_name, "currency": "USD"});
+            merge(&mut out, spend_summary(app, key, month).await?);
+            let tools = crate::billing::usage::by_tool(&app.store, &key.account_id, month)
+                .await
+                .map_err(internal)?;
+            out["by_tool"] = serde_json::to_value(tools).map_err(internal)?;
+            Ok(ok(out))
         }
         "search_servers" => {
             let query = args.get("query").and_then(Value::as_str).unwrap_or("");
