@@ -259,8 +259,11 @@ pub async fn build(
             ))
         })
         .collect::<Result<_, sqlx::Error>>()?;
-    // Sorted here, not in SQL, so both backends (and their collations) give one order.
-    groups.sort_by(|a, b| (&a.3, &a.0, &a.1, a.2).cmp(&(&b.3, &b.0, &b.1, b.2)));
+    // Charged lines before refunded ones, each by server, tool, price. Sorted here, not
+    // in SQL, so both backends (and their collations) give one order.
+    groups.sort_by(|a, b| {
+        (a.3 != "settled", &a.0, &a.1, a.2).cmp(&(b.3 != "settled", &b.0, &b.1, b.2))
+    });
     for (server, tool, price, status, calls) in groups {
         let settled = status == "settled";
         let amount = if settled {

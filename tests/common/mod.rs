@@ -2,6 +2,7 @@
 //! fresh PostgreSQL database, real example upstreams, real rmcp clients.
 #![allow(dead_code)]
 
+pub mod books;
 pub mod fault;
 pub mod raw;
 

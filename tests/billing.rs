@@ -1,0 +1,914 @@
+//! The billing engine on the ledger, with a manual clock so calls, fees and payouts land
+//! at chosen instants around the UTC month boundary; every figure is checked against a
+//! hand-computed fixture and `ledger verify` after each test, on SQLite and PostgreSQL.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::books::{Books, End, ms};
+use common::{Backend, TestDb, backends};
+use mcp_marketplace::billing::invoices::{self, InvoiceFormat};
+use mcp_marketplace::billing::payouts::{self, PayoutMethod};
+use mcp_marketplace::billing::plans::{PlanBook, PlanFile, QuotaSetting};
+use mcp_marketplace::billing::{BillingError, Month, alerts};
+use mcp_marketplace::store::Store;
+use sqlx::Row;
+
+fn month(m: &str) -> Month {
+    m.parse().unwrap()
+}
+
+fn plans_with_free_quota(calls: i64) -> PlanBook {
+    let mut files = BTreeMap::new();
+    files.insert(
+        "free".to_owned(),
+        PlanFile {
+            monthly_calls: Some(QuotaSetting::Number(calls)),
+            ..PlanFile::default()
+        },
+    );
+    PlanBook::from_config(&files, None).unwrap()
+}
+
+#[tokio::test]
+async fn plans_book_prorated_fees_and_credits_and_lapse_when_unpaid() {
+    for backend in backends() {
+        let b = Books::open(backend, "2026-11-16T00:00:00Z").await;
+        let alice = b.account("alice").await;
+        let bob = b.account("bob").await;
+        b.ledger
+            .topup(&alice.id, 30_000_000, "grant")
+            .await
+            .unwrap();
+        b.ledger.topup(&bob.id, 50_000_000, "grant").await.unwrap();
+        assert_eq!(
+            b.ledger.current_plan(&alice.id).await.unwrap().plan.id,
+            "free"
+        );
+
+        // Refusals change nothing.
+        let before = b.snapshot().await;
+        assert!(matches!(
+            b.ledger.change_plan(&alice.id, "gold", None).await,
+            Err(BillingError::UnknownPlan(_))
+        ));
+        assert!(matches!(
+            b.ledger
+                .change_plan(&alice.id, "pro", Some(ms("2026-11-01")))
+                .await,
+            Err(BillingError::Invalid(_))
+        ));
+        assert!(matches!(
+            b.ledger.change_plan(&alice.id, "free", None).await,
+            Err(BillingError::Invalid(_))
+        ));
+        let poor = b.account("poor").await;
+        assert!(matches!(
+            b.ledger.change_plan(&poor.id, "pro", None).await,
+            Err(BillingError::InsufficientCredits { .. })
+        ));
+        assert_eq!(b.snapshot().await, before, "{backend:?}");
+
+        // Pro from the 16th: 15 of November's 30 days are left, so half the 20 USD fee
+        // is charged and half the 20 USD of credits granted.
+        for a in [&alice, &bob] {
+            let booked = b
+                .ledger
+                .change_plan(&a.id, "pro", None)
+                .await
+                .unwrap()
+                .booked
+                .unwrap();
+            assert_eq!(
+                (booked.fee_micros, booked.credits_micros),
+                (10_000_000, 10_000_000)
+            );
+        }
+        assert_eq!(b.balance(&alice).await.wallet_micros, 30_000_000);
+        let p = b.platform().await;
+        assert_eq!(
+            (p.revenue_micros, p.included_credits_micros),
+            (20_000_000, -20_000_000)
+        );
+        // The limits the rate limiter reads.
+        let limits = b.ledger.rate_limits_for(&alice.id).await.unwrap();
+        assert_eq!(limits.per_account.unwrap().to_string(), "600/min");
+        assert_eq!(limits.per_key, None, "inherits [rate_limits]");
+
+        // Enterprise from December; nothing is due before then.
+        let later = b
+            .ledger
+            .change_plan(&alice.id, "enterprise", Some(ms("2026-12-01")))
+            .await
+            .unwrap();
+        assert!(later.booked.is_none());
+        assert_eq!(b.ledger.renew_subscriptions().await.unwrap(), 0);
+        assert_eq!(
+            b.ledger.current_plan(&alice.id).await.unwrap().plan.id,
+            "pro"
+        );
+
+        // December: bob's Pro renews in full; alice cannot pay Enterprise's 500 USD and
+        // lapses to Free, charged nothing.
+        b.at("2026-12-01T00:01:00Z");
+        let alice_before = b.balance(&alice).await;
+        assert_eq!(b.ledger.renew_subscriptions().await.unwrap(), 2);
+        assert_eq!(
+            b.ledger.renew_subscriptions().await.unwrap(),
+            0,
+            "idempotent"
+        );
+        assert_eq!(
+            b.ledger.current_plan(&alice.id).await.unwrap().plan.id,
+            "free"
+        );
+        assert_eq!(b.balance(&alice).await, alice_before);
+        let history: Vec<_> = b
+            .ledger
+            .plan_history(&alice.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.plan, h.reason))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                ("pro", "change"),
+                ("enterprise", "change"),
+                ("free", "lapsed")
+            ]
+            .map(|(p, r)| (p.to_owned(), r.to_owned()))
+        );
+        assert_eq!(b.balance(&bob).await.wallet_micros, 50_000_000);
+        let p = b.platform().await;
+        assert_eq!(
+            (p.revenue_micros, p.included_credits_micros),
+            (40_000_000, -40_000_000)
+        );
+        b.assert_ok().await;
+        b.close().await;
+    }
+}
+
+#[tokio::test]
+async fn quota_exhaustion_is_never_charged_and_refunds_give_calls_back() {
+    for backend in backends() {
+        let b = Books::open_with(backend, "2026-11-30T23:00:00Z", plans_with_free_quota(3)).await;
+        let user = b.account("user").await;
+        let creator = b.account("creator").await;
+        let units = b.server(&creator, "units", "0.02_per_request").await;
+        b.ledger.topup(&user.id, 1_000_000, "grant").await.unwrap();
+
+        let c: Vec<String> =
+            futures::future::join_all((0..3).map(|_| b.reserve(&user, &units, "convert", 20_000)))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        let before = b.snapshot().await;
+        let wallet = b.balance(&user).await;
+        match b.reserve(&user, &units, "convert", 20_000).await {
+            Err(BillingError::QuotaExceeded {
+                plan,
+                quota,
+                resets_at_ms,
+            }) => {
+                assert_eq!((plan.as_str(), quota), ("Free", 3));
+                assert_eq!(resets_at_ms, ms("2026-12-01"));
+            }
+            other => panic!("expected quota_exceeded, got {other:?}"),
+        }
+        assert_eq!(b.snapshot().await, before, "a refused call writes nothing");
+        assert_eq!(b.balance(&user).await, wallet, "and charges nothing");
+
+        // A refunded call does not count: the fourth call fits now.
+        b.end(&c[0], End::Refund).await;
+        let fourth = b.reserve(&user, &units, "convert", 20_000).await.unwrap();
+        b.end(&c[1], End::Settle).await;
+        b.end(&c[2], End::Settle).await;
+        let nov = b
+            .ledger
+            .month_usage(&user.id, month("2026-11"))
+            .await
+            .unwrap();
+        assert_eq!((nov.calls, nov.spent_micros), (3, 60_000));
+
+        // A new UTC month starts a new count; refunding November's call in December
+        // gives the call back to November.
+        b.at("2026-12-01T00:00:00Z");
+        b.call(&user, &units, "convert", 20_000, End::Settle).await;
+        b.end(&fourth, End::Refund).await;
+        let nov = b
+            .ledger
+            .month_usage(&user.id, month("2026-11"))
+            .await
+            .unwrap();
+        let dec = b
+            .ledger
+            .month_usage(&user.id, month("2026-12"))
+            .await
+            .unwrap();
+        assert_eq!((nov.calls, dec.calls), (2, 1));
+
+        // Concurrent calls cannot pass the quota together.
+        let many = b.account("many").await;
+        b.ledger.topup(&many.id, 1_000_000, "grant").await.unwrap();
+        let results =
+            futures::future::join_all((0..8).map(|_| b.reserve(&many, &units, "convert", 1_000)))
+                .await;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(BillingError::QuotaExceeded { .. })))
+            .count();
+        assert_eq!((ok, refused), (3, 5), "{backend:?}");
+        assert_eq!(b.balance(&many).await.holds_micros, 3_000);
+        b.assert_ok().await;
+        b.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_low_balance_alert_is_recorded_once_per_crossing() {
+    for backend in backends() {
+        let b = Books::open(backend, "2026-11-10T00:00:00Z").await;
+        let user = b.account("user").await;
+        let creator = b.account("creator").await;
+        let units = b.server(&creator, "units", "0.2_per_request").await;
+        b.ledger.topup(&user.id, 1_500_000, "grant").await.unwrap();
+        b.ledger
+            .set_low_balance(&user.id, Some(1_000_000))
+            .await
+            .unwrap();
+        let price = 200_000;
+        let mut calls = Vec::new();
+        for _ in 0..4 {
+            // 1.30, 1.10, 0.90 (crosses), 0.70
+            calls.push(b.call(&user, &units, "convert", price, End::Settle).await);
+        }
+        let pending = alerts::pending(&b.store, 10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].balance_micros, 900_000);
+        assert_eq!(pending[0].threshold_micros, 1_000_000);
+        assert_eq!(pending[0].call_id.as_deref(), Some(calls[2].as_str()));
+        // A refund back over the threshold does not re-arm it; nor a credit that stays below.
+        let c = b.call(&user, &units, "convert", price, End::Refund).await;
+        assert!(!c.is_empty());
+        b.call(&user, &units, "convert", price, End::Settle).await; // 0.50
+        b.ledger.topup(&user.id, 200_000, "grant").await.unwrap(); // 0.70
+        b.call(&user, &units, "convert", price, End::Settle).await; // 0.50
+        assert_eq!(alerts::pending(&b.store, 10).await.unwrap().len(), 1);
+        assert!(b.ledger.low_balance(&user.id).await.unwrap().alerted);
+        // A top-up over the threshold re-arms it; the next crossing alerts again.
+        b.ledger.topup(&user.id, 1_000_000, "grant").await.unwrap(); // 1.50
+        assert!(!b.ledger.low_balance(&user.id).await.unwrap().alerted);
+        for _ in 0..3 {
+            b.call(&user, &units, "convert", price, End::Settle).await; // 1.30 1.10 0.90
+        }
+        let pending = alerts::pending(&b.store, 10).await.unwrap();
+        assert_eq!(pending.len(), 2);
+        let payload = pending[1].webhook_payload();
+        assert_eq!(payload["type"], "balance.low");
+        assert_eq!(payload["account"], "user");
+        assert_eq!(payload["balance"], "0.90");
+        assert_eq!(payload["threshold"], "1.00");
+        // The outbox takes each alert once.
+        assert!(
+            alerts::mark_handed_off(&b.store, &pending[0].id, b.now())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !alerts::mark_handed_off(&b.store, &pending[0].id, b.now())
+                .await
+                .unwrap()
+        );
+        assert_eq!(alerts::pending(&b.store, 10).await.unwrap().len(), 1);
+
+        // Concurrent debits across the threshold raise exactly one alert.
+        let racer = b.account("racer").await;
+        b.ledger.topup(&racer.id, 1_050_000, "grant").await.unwrap();
+        b.ledger
+            .set_low_balance(&racer.id, Some(1_000_000))
+            .await
+            .unwrap();
+        futures::future::join_all((0..10).map(|_| b.reserve(&racer, &units, "convert", 10_000)))
+            .await;
+        let racer_alerts = alerts::of_account(&b.store, &racer.id, 10).await.unwrap();
+        assert_eq!(racer_alerts.len(), 1, "{backend:?}");
+        b.assert_ok().await;
+        b.close().await;
+    }
+}
+
+/// November 2026 for one buyer: a balance carried in from October, calls of 0.02 USD and
+/// of 7 micros (whose 30 % fee rounds down per call), a refunded call, Pro from the 16th,
+/// a grant, and calls on both sides of midnight UTC on the 30th.
+async fn november(b: &Books) -> (String, String) {
+    let buyer = b.account("buyer").await;
+    let creator = b.account("creator").await;
+    let units = b.server(&creator, "units", "0.02_per_request").await;
+    let notes = b.server(&creator, "notes", "0.000007_per_request").await;
+    b.at("2026-10-31T23:59:59.999Z");
+    b.ledger
+        .topup(&buyer.id, 30_000_000, "grant")
+        .await
+        .unwrap();
+    b.at("2026-11-01T00:00:00Z");
+    for _ in 0..3 {
+        b.call(&buyer, &units, "convert", 20_000, End::Settle).await;
+    }
+    b.call(&buyer, &units, "convert", 20_000, End::Refund).await;
+    b.at("2026-11-05T12:00:00Z");
+    for _ in 0..100 {
+        b.call(&buyer, &notes, "search", 7, End::Settle).await;
+    }
+    b.at("2026-11-16T00:00:00Z");
+    b.ledger.change_plan(&buyer.id, "pro", None).await.unwrap();
+    b.at("2026-11-20T00:00:00Z");
+    b.ledger
+        .topup(&buyer.id, 5_000_000, "credits grant")
+        .await
+        .unwrap();
+    // Made and answered before midnight: November.
+    b.at("2026-11-30T23:59:59Z");
+    let late = b.reserve(&buyer, &units, "convert", 20_000).await.unwrap();
+    b.at("2026-11-30T23:59:59.500Z");
+    b.end(&late, End::Settle).await;
+    // Made before midnight, answered at midnight: charged in December.
+    b.at("2026-11-30T23:59:59.999Z");
+    let straddling = b.reserve(&buyer, &units, "convert", 20_000).await.unwrap();
+    b.at("2026-12-01T00:00:00Z");
+    b.end(&straddling, End::Settle).await;
+    (buyer.id, creator.id)
+}
+
+#[tokio::test]
+async fn invoices_match_a_hand_computed_month_and_are_stored_once() {
+    for backend in backends() {
+        let b = Books::open(backend, "2026-10-31T00:00:00Z").await;
+        let (buyer, creator) = november(&b).await;
+
+        // The creator's share and the platform's fee of 100 calls at 7 micros are
+        // floored per call: 100 × (7 − ⌊2.1⌋) = 500 and 100 × 2 = 200 (not 210).
+        let nov = month("2026-11");
+        let (draft, _) = invoices::invoice(&b.ledger, &buyer, nov)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(draft.status, "draft");
+        let t = &draft.totals;
+        assert_eq!(t.usage_micros, 4 * 20_000 + 100 * 7);
+        assert_eq!(t.subscription_micros, 10_000_000);
+        assert_eq!(t.total_micros, 10_080_700);
+        assert_eq!((t.settled_calls, t.refunded_calls), (104, 1));
+        assert_eq!(
+            (t.credits_added_micros, t.included_credits_micros),
+            (5_000_000, 10_000_000)
+        );
+        assert_eq!(draft.opening_balance_micros, 30_000_000);
+        // The straddling call is still held at midnight: part of the closing balance.
+        assert_eq!(draft.closing_balance_micros, 34_919_300);
+        assert_eq!(
+            b.balance(&b.account_named("creator").await)
+                .await
+                .earnings_micros,
+            5 * 14_000 + 500
+        );
+        assert_eq!(
+            b.platform().await.revenue_micros,
+            5 * 6_000 + 200 + 10_000_000
+        );
+
+        // Not before the month is over (plus five minutes).
+        b.at("2026-12-01T00:04:59.999Z");
+        let before = b.snapshot().await;
+        assert!(matches!(
+            invoices::close_month(&b.ledger, nov).await,
+            Err(BillingError::MonthOpen { .. })
+        ));
+        assert_eq!(b.snapshot().await, before);
+        b.at("2026-12-01T00:10:00Z");
+        let report = invoices::close_month(&b.ledger, nov).await.unwrap();
+        assert_eq!(
+            (report.invoices, report.already_closed),
+            (1, false),
+            "the creator bought nothing"
+        );
+        let (inv, stored) = invoices::invoice(&b.ledger, &buyer, nov)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(inv.status, "final");
+        assert_eq!(inv.closed_at.as_deref(), Some("2026-12-01T00:10:00.000Z"));
+        assert_eq!(
+            (inv.lines.clone(), inv.totals.clone()),
+            (draft.lines, draft.totals)
+        );
+        assert_eq!(
+            stored.csv,
+            "invoice,account,month,kind,description,quantity,unit_price_usd,amount_usd\n\
+             INV-202611-buyer,buyer,2026-11,opening_balance,Balance at the start of the month,,,30.00\n\
+             INV-202611-buyer,buyer,2026-11,subscription,\"Pro plan, 2026-11-16 to 2026-12-01\",1,10.00,10.00\n\
+             INV-202611-buyer,buyer,2026-11,usage,notes__search,100,0.000007,0.0007\n\
+             INV-202611-buyer,buyer,2026-11,usage,units__convert,4,0.02,0.08\n\
+             INV-202611-buyer,buyer,2026-11,refunded,\"units__convert (refunded, not charged)\",1,0.02,0.00\n\
+             INV-202611-buyer,buyer,2026-11,total,Total charged,,,10.0807\n\
+             INV-202611-buyer,buyer,2026-11,included_credits,\"Pro plan credits, 2026-11 (2026-11-16T00:00:00.000Z)\",,,10.00\n\
+             INV-202611-buyer,buyer,2026-11,topup,credits grant (2026-11-20T00:00:00.000Z),,,5.00\n\
+             INV-202611-buyer,buyer,2026-11,closing_balance,Balance at the end of the month,,,34.9193\n"
+        );
+        assert!(stored.html.contains("<h1>Invoice INV-202611-buyer</h1>"));
+        assert!(stored.html.contains("34.9193") && !stored.html.contains("Draft"));
+        assert!(
+            stored
+                .get(InvoiceFormat::Json)
+                .contains("\"number\": \"INV-202611-buyer\"")
+        );
+
+        // Later traffic changes neither the stored invoice nor what regenerating gives.
+        let units = b.server_id("units").await;
+        let buyer_account = b.account_named("buyer").await;
+        b.call(&buyer_account, &units, "convert", 20_000, End::Settle)
+            .await;
+        let again = invoices::close_month(&b.ledger, nov).await.unwrap();
+        assert!(again.already_closed);
+        let (_, still) = invoices::invoice(&b.ledger, &buyer, nov)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(still, stored);
+        let mut conn = b.store.pool().acquire().await.unwrap();
+        let regenerated = invoices::build(
+            &b.ledger,
+            &mut conn,
+            &buyer,
+            nov,
+            Some(ms("2026-12-01T00:10:00Z")),
+        )
+        .await
+        .unwrap();
+        drop(conn);
+        assert_eq!(invoices::render(&regenerated), stored, "same bytes");
+
+        // December's draft opens where November closed and holds the straddling call.
+        let (dec, _) = invoices::invoice(&b.ledger, &buyer, month("2026-12"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(dec.opening_balance_micros, 34_919_300);
+        assert_eq!(dec.totals.usage_micros, 2 * 20_000);
+        assert!(
+            invoices::invoice(&b.ledger, &creator, nov)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        b.assert_ok().await;
+        b.close().await;
+    }
+}
+
+#[tokio::test]
+async fn payouts_pay_earnings_once_in_whole_cents_and_carry_the_rest() {
+    for backend in backends() {
+        let b = Books::open(backend, "2026-11-02T00:00:00Z").await;
+        let buyer = b.account("buyer").await;
+        let ann = b.account("ann").await;
+        let bob = b.account("bob").await;
+        let cat = b.account("cat").await;
+        let ann_srv = b.server(&ann, "ann-srv", "1.234567_per_request").await;
+        let bob_srv = b.server(&bob, "bob-srv", "0.05_per_request").await;
+        let cat_srv = b.server(&cat, "cat-srv", "0.5_per_request").await;
+        b.ledger
+            .topup(&buyer.id, 100_000_000, "grant")
+            .await
+            .unwrap();
+        payouts::set_payee(&b.ledger, &ann.id, PayoutMethod::Paypal, "ann@example.com")
+            .await
+            .unwrap();
+        payouts::set_payee(&b.ledger, &bob.id, PayoutMethod::Stripe, "acct_bob1")
+            .await
+            .unwrap();
+        for (bad_method, bad) in [
+            (PayoutMethod::Paypal, "not-an-email"),
+            (PayoutMethod::Stripe, "bob@example.com"),
+            (PayoutMethod::Stripe, "acct_"),
+        ] {
+            assert!(matches!(
+                payouts::set_payee(&b.ledger, &cat.id, bad_method, bad).await,
+                Err(BillingError::Invalid(_))
+            ));
+        }
+        // 1.234567 USD: fee ⌊370 370.1⌋ = 370 370, ann earns 864 197.
+        b.call(&buyer, &ann_srv, "t", 1_234_567, End::Settle).await;
+        b.call(&buyer, &bob_srv, "t", 50_000, End::Settle).await; // bob earns 35 000
+        b.call(&buyer, &cat_srv, "t", 500_000, End::Settle).await; // cat earns 350 000
+        b.call(&buyer, &ann_srv, "t", 1_234_567, End::Refund).await; // earns nothing
+        b.at("2026-12-01T00:00:00Z");
+        b.call(&buyer, &ann_srv, "t", 1_234_567, End::Settle).await; // December's
+
+        let nov = month("2026-11");
+        let threshold = 100_000; // 0.10 USD
+        let before = b.snapshot().await;
+        assert!(matches!(
+            payouts::run(&b.ledger, nov, threshold).await,
+            Err(BillingError::MonthNotClosed(_))
+        ));
+        assert_eq!(b.snapshot().await, before);
+        b.at("2026-12-01T00:10:00Z");
+        invoices::close_month(&b.ledger, nov).await.unwrap();
+        let run = payouts::run(&b.ledger, nov, threshold).await.unwrap();
+        let summary: Vec<_> = run
+            .payouts
+            .iter()
+            .map(|p| {
+                (
+                    p.account.as_str(),
+                    p.status.as_str(),
+                    p.reason.as_str(),
+                    p.amount_micros,
+                    p.carried_out_micros,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("ann", "paid", "", 860_000, 4_197),
+                ("bob", "held", "below_threshold", 0, 35_000),
+                ("cat", "held", "no_payee", 0, 350_000),
+            ]
+        );
+        assert_eq!((run.paid_micros, run.new_payouts), (860_000, 1));
+        let ann_ref = payouts::reference(&ann.id, nov);
+        assert_eq!(
+            payouts::paypal_csv(nov, &run.payouts),
+            format!("ann@example.com,0.86,USD,{ann_ref},mcp-marketplace earnings 2026-11,PAYPAL\n")
+        );
+        assert_eq!(
+            payouts::stripe_csv(nov, &run.payouts),
+            "destination,amount,currency,description,transfer_group,idempotency_key\n"
+        );
+        assert_eq!(
+            b.ledger
+                .account_balance(&ann.id)
+                .await
+                .unwrap()
+                .earnings_micros,
+            4_197 + 864_197
+        );
+
+        // Twice for the same month pays nothing twice and gives the same batch.
+        let snapshot = b.snapshot().await;
+        let rerun = payouts::run(&b.ledger, nov, threshold).await.unwrap();
+        assert_eq!(rerun.new_payouts, 0);
+        assert_eq!(
+            payouts::paypal_csv(nov, &rerun.payouts),
+            payouts::paypal_csv(nov, &run.payouts)
+        );
+        assert_eq!(b.snapshot().await, snapshot);
+
+        // December: bob has 35 000 + 2 × 35 000 → 0.10 paid, 5 000 carried; ann her
+        // carried 4 197 + 864 197 → 0.86 paid, 8 394 carried; cat, with a payee now, all.
+        b.at("2026-12-10T00:00:00Z");
+        b.call(&buyer, &bob_srv, "t", 50_000, End::Settle).await;
+        b.call(&buyer, &bob_srv, "t", 50_000, End::Settle).await;
+        payouts::set_payee(&b.ledger, &cat.id, PayoutMethod::Paypal, "cat@example.com")
+            .await
+            .unwrap();
+        b.at("2027-01-01T00:10:00Z");
+        let dec = month("2026-12");
+        invoices::close_month(&b.ledger, dec).await.unwrap();
+        // Three runs at once still pay each creator once.
+        let runs =
+            futures::future::join_all((0..3).map(|_| payouts::run(&b.ledger, dec, threshold)))
+                .await;
+        let runs: Vec<_> = runs.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            runs.iter().map(|r| r.new_payouts).sum::<usize>(),
+            3,
+            "{backend:?}"
+        );
+        let lines = payouts::of_month(&b.ledger, dec).await.unwrap();
+        let summary: Vec<_> = lines
+            .iter()
+            .map(|p| {
+                (
+                    p.account.as_str(),
+                    p.status.as_str(),
+                    p.amount_micros,
+                    p.carried_in_micros,
+                    p.earned_micros,
+                    p.carried_out_micros,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("ann", "paid", 860_000, 4_197, 864_197, 8_394),
+                ("bob", "paid", 100_000, 0, 105_000, 5_000),
+                ("cat", "paid", 350_000, 0, 350_000, 0),
+            ]
+        );
+        assert_eq!(
+            payouts::stripe_csv(dec, &lines),
+            format!(
+                "destination,amount,currency,description,transfer_group,idempotency_key\n\
+                 acct_bob1,10,usd,mcp-marketplace earnings 2026-12,mcp-marketplace-2026-12,{}\n",
+                payouts::reference(&bob.id, dec)
+            )
+        );
+        // November, asked again after December was paid: unchanged.
+        assert_eq!(payouts::of_month(&b.ledger, nov).await.unwrap().len(), 3);
+        let p = b.platform().await;
+        assert_eq!(p.revenue_micros, 2 * 370_370 + 3 * 15_000 + 150_000);
+        let paid: i64 =
+            sqlx::query("SELECT balance FROM ledger_accounts WHERE id = 'external:payouts'")
+                .fetch_one(b.store.pool())
+                .await
+                .unwrap()
+                .try_get(0)
+                .unwrap();
+        assert_eq!(paid, 860_000 + 860_000 + 100_000 + 350_000);
+        b.assert_ok().await;
+        b.close().await;
+    }
+}
+
+/// A small deterministic generator, so the simulated month is the same on every run.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[tokio::test]
+async fn a_month_of_simulated_traffic_closes_into_invoices_and_payouts_that_reconcile() {
+    for backend in backends() {
+        let b = Books::open(backend, "2026-11-01T00:00:00Z").await;
+        let buyers = [
+            b.account("b0").await,
+            b.account("b1").await,
+            b.account("b2").await,
+        ];
+        let creators = [b.account("c0").await, b.account("c1").await];
+        let servers = [
+            (
+                b.server(&creators[0], "s0", "0.02_per_request").await,
+                20_000,
+                0,
+            ),
+            (
+                b.server(&creators[0], "s1", "0.000007_per_request").await,
+                7,
+                0,
+            ),
+            (
+                b.server(&creators[1], "s2", "1.234567_per_request").await,
+                1_234_567,
+                1,
+            ),
+        ];
+        for c in &creators {
+            payouts::set_payee(
+                &b.ledger,
+                &c.id,
+                PayoutMethod::Paypal,
+                &format!("{}@example.com", c.name),
+            )
+            .await
+            .unwrap();
+        }
+        // The model: what each buyer was charged and refunded, what each creator earned.
+        let mut charged = [0i64; 3];
+        let mut settled_calls = [0i64; 3];
+        let mut refunded_calls = [0i64; 3];
+        let mut credited = [0i64; 3];
+        let mut fees = [0i64; 3];
+        let mut earned = [0i64; 2];
+        let mut platform = 0i64;
+        let mut rng = Lcg(20261130);
+        let start = ms("2026-11-01");
+        for step in 0..100i64 {
+            b.clock.set(start + step * 7 * 3_600_000 + 1);
+            if step == 40 {
+                let p = b.ledger.change_plan(&buyers[0].id, "pro", None).await;
+                if let Ok(c) = p {
+                    let booked = c.booked.unwrap();
+                    fees[0] += booked.fee_micros;
+                    credited[0] += booked.credits_micros;
+                    platform += booked.fee_micros;
+                }
+            }
+            for _ in 0..rng.next(4) {
+                let who = rng.next(3) as usize;
+                if b.balance(&buyers[who]).await.wallet_micros < 2_000_000 {
+                    b.ledger
+                        .topup(&buyers[who].id, 5_000_000, "grant")
+                        .await
+                        .unwrap();
+                    credited[who] += 5_000_000;
+                }
+                let (server, price, owner) = &servers[rng.next(3) as usize];
+                let end = if rng.next(100) < 85 {
+                    End::Settle
+                } else {
+                    End::Refund
+                };
+                b.call(&buyers[who], server, "t", *price, end).await;
+                if end == End::Settle {
+                    let fee = price * 3000 / 10_000;
+                    charged[who] += price;
+                    settled_calls[who] += 1;
+                    earned[*owner] += price - fee;
+                    platform += fee;
+                } else {
+                    refunded_calls[who] += 1;
+                }
+            }
+        }
+        // One more call across midnight: December's.
+        b.at("2026-11-30T23:59:59.999Z");
+        let late = b
+            .reserve(&buyers[1], &servers[0].0, "t", 20_000)
+            .await
+            .unwrap();
+        b.at("2026-12-01T00:00:00.001Z");
+        b.end(&late, End::Settle).await;
+
+        b.at("2026-12-01T00:10:00Z");
+        let nov = month("2026-11");
+        let report = invoices::close_month(&b.ledger, nov).await.unwrap();
+        assert_eq!(report.invoices, 3);
+        for (i, buyer) in buyers.iter().enumerate() {
+            let (inv, _) = invoices::invoice(&b.ledger, &buyer.id, nov)
+                .await
+                .unwrap()
+                .unwrap();
+            let t = &inv.totals;
+            assert_eq!(t.usage_micros, charged[i], "{} {backend:?}", buyer.name);
+            assert_eq!(
+                (t.settled_calls, t.refunded_calls),
+                (settled_calls[i], refunded_calls[i])
+            );
+            assert_eq!(t.subscription_micros, fees[i]);
+            assert_eq!(
+                t.credits_added_micros + t.included_credits_micros,
+                credited[i]
+            );
+            assert_eq!(inv.opening_balance_micros, 0);
+            assert_eq!(
+                inv.closing_balance_micros,
+                credited[i] - fees[i] - charged[i]
+            );
+        }
+        let run = payouts::run(&b.ledger, nov, 1_000_000).await.unwrap();
+        for (i, c) in creators.iter().enumerate() {
+            let p = run.payouts.iter().find(|p| p.account == c.name).unwrap();
+            assert_eq!(p.earned_micros, earned[i], "{} {backend:?}", c.name);
+            assert_eq!(p.amount_micros + p.carried_out_micros, earned[i]);
+            assert_eq!(p.amount_micros % 10_000, 0);
+        }
+        // Platform revenue: every fee, plus the straddling call's, plus plan fees.
+        assert_eq!(b.platform().await.revenue_micros, platform + 6_000);
+        b.assert_ok().await;
+        b.close().await;
+    }
+}
+
+#[tokio::test]
+async fn the_usage_log_invoices_and_transfers_are_immutable_and_verify_sees_tampering() {
+    for backend in backends() {
+        let b = Books::open(backend, "2026-10-31T00:00:00Z").await;
+        november(&b).await;
+        b.at("2026-12-01T00:10:00Z");
+        invoices::close_month(&b.ledger, month("2026-11"))
+            .await
+            .unwrap();
+        b.assert_ok().await;
+        let pool = b.store.pool();
+        for sql in [
+            "UPDATE calls SET price_micros = 1 WHERE status = 'settled'",
+            "UPDATE calls SET status = 'refunded' WHERE status = 'settled'",
+            "DELETE FROM calls",
+            "UPDATE ledger_transfers SET amount = 0",
+            "DELETE FROM ledger_entries",
+            "UPDATE invoices SET total_micros = 0",
+            "DELETE FROM invoices",
+            "DELETE FROM billing_periods",
+        ] {
+            assert!(
+                sqlx::query(sql).execute(pool).await.is_err(),
+                "{sql} must be refused ({backend:?})"
+            );
+        }
+        b.assert_ok().await;
+
+        // With the guard removed by hand, verify still notices a changed invoice and a
+        // balance that no longer matches its entries.
+        let disable = match backend {
+            Backend::Sqlite => "DROP TRIGGER invoices_immutable",
+            Backend::Postgres => "ALTER TABLE invoices DISABLE TRIGGER invoices_immutable",
+        };
+        sqlx::query(disable).execute(pool).await.unwrap();
+        sqlx::query("UPDATE invoices SET json = REPLACE(json, '10080700', '1'), usage_micros = 1")
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE ledger_accounts SET balance = balance + 1 WHERE id = 'platform:revenue'",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let broken = b.ledger.verify().await.unwrap().join("\n");
+        for expected in [
+            "platform:revenue: balance",
+            "money was created or lost",
+            "INV-202611-buyer: usage 1",
+            "regenerating it from the ledger gives different bytes",
+        ] {
+            assert!(broken.contains(expected), "{expected} not in:\n{broken}");
+        }
+        b.close().await;
+    }
+}
+
+#[tokio::test]
+async fn the_billing_migration_keeps_existing_data() {
+    for backend in backends() {
+        let db = TestDb::new(backend).await;
+        // A database at the foundation's schema, with money in it.
+        let dir = tempfile::tempdir().unwrap();
+        let sub = match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        };
+        std::fs::copy(
+            format!(
+                "{}/migrations/{sub}/0001_foundation.sql",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+            dir.path().join("0001_foundation.sql"),
+        )
+        .unwrap();
+        sqlx::any::install_default_drivers();
+        let url = if backend == Backend::Sqlite {
+            format!("{}?mode=rwc", db.url)
+        } else {
+            db.url.clone()
+        };
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::migrate::Migrator::new(dir.path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        for sql in [
+            "INSERT INTO accounts (id, name, created_at) VALUES ('a1', 'old', 1)",
+            "INSERT INTO ledger_accounts (id, kind, balance, created_at) VALUES ('wallet:a1', 'wallet', 980000, 1), ('earnings:a1', 'earnings', 0, 1)",
+            "INSERT INTO servers (id, slug, name, owner_account_id, price_micros, status, secret, timeout_ms, created_at, updated_at) \
+             VALUES ('s1', 'old', 'old', 'a1', 20000, 'active', 'x', 1000, 1, 1)",
+            "INSERT INTO ledger_transfers (id, kind, call_id, amount, memo, created_at) VALUES ('t1', 'topup', NULL, 1000000, '', 1), ('t2', 'reserve', 'c1', 20000, '', 2)",
+            "INSERT INTO ledger_entries (transfer_id, ledger_account_id, amount) VALUES ('t1', 'external:topups', -1000000), ('t1', 'wallet:a1', 1000000), ('t2', 'wallet:a1', -20000), ('t2', 'holds', 20000)",
+            "UPDATE ledger_accounts SET balance = -1000000 WHERE id = 'external:topups'",
+            "UPDATE ledger_accounts SET balance = 20000 WHERE id = 'holds'",
+            "INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, fee_micros, status, hold_expires_at, created_at) \
+             VALUES ('c1', 'a1', 'k', 's1', 'convert', 20000, 14000, 6000, 'reserved', 9, 2)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+
+        let store = Store::connect(&db.url).await.unwrap();
+        let ledger = mcp_marketplace::billing::Ledger::new(store.clone());
+        assert_eq!(
+            ledger.verify().await.unwrap(),
+            Vec::<String>::new(),
+            "{backend:?}"
+        );
+        let b = ledger.account_balance("a1").await.unwrap();
+        assert_eq!((b.wallet_micros, b.holds_micros), (980_000, 20_000));
+        let old_month = Month::of_ms(2);
+        assert_eq!(ledger.month_usage("a1", old_month).await.unwrap().calls, 1);
+        // The old hold can still be refunded, now with the new transfer kinds in place.
+        assert_eq!(ledger.sweep_expired_holds(10).await.unwrap(), 1);
+        assert_eq!(
+            ledger.account_balance("a1").await.unwrap().wallet_micros,
+            1_000_000
+        );
+        assert_eq!(ledger.verify().await.unwrap(), Vec::<String>::new());
+        store.close().await;
+    }
+}
