@@ -51,71 +51,87 @@ async fn deliver(base: &str, payload: &str, signature: Option<String>) -> (u16, 
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-/// A `checkout.session.completed` event like the example in Stripe's docs.
-fn checkout(
-    event: &str,
-    session: &str,
-    payment_intent: &str,
+/// A Checkout Session of a `checkout.session.completed` event.
+struct Session<'a> {
+    event: &'a str,
+    id: &'a str,
+    payment_intent: &'a str,
     reference: Value,
     metadata: Value,
     cents: i64,
-    currency: &str,
-    payment_status: &str,
-) -> String {
-    json!({
-        "id": event,
-        "object": "event",
-        "api_version": "2024-06-20",
-        "created": now_secs(),
-        "data": {"object": {
-            "id": session,
-            "object": "checkout.session",
-            "after_expiration": null,
-            "allow_promotion_codes": null,
-            "amount_subtotal": cents,
-            "amount_total": cents,
-            "automatic_tax": {"enabled": false, "liability": null, "status": null},
-            "billing_address_collection": null,
-            "cancel_url": "https://market.example.com/cancel",
-            "client_reference_id": reference,
-            "consent": null,
-            "created": now_secs() - 60,
-            "currency": currency,
-            "customer": null,
-            "customer_creation": "if_required",
-            "customer_details": {"email": "buyer@example.com", "name": "Buyer", "tax_exempt": "none"},
-            "expires_at": now_secs() + 86_400,
+    currency: &'a str,
+    payment_status: &'a str,
+}
+
+impl<'a> Session<'a> {
+    /// A paid USD session for `account` (its id or name in `client_reference_id`).
+    fn paid(
+        event: &'a str,
+        id: &'a str,
+        payment_intent: &'a str,
+        account: &str,
+        cents: i64,
+    ) -> Self {
+        Self {
+            event,
+            id,
+            payment_intent,
+            reference: json!(account),
+            metadata: json!({}),
+            cents,
+            currency: "usd",
+            payment_status: "paid",
+        }
+    }
+
+    /// The event, shaped like the example in Stripe's docs.
+    fn event(&self) -> String {
+        json!({
+            "id": self.event,
+            "object": "event",
+            "api_version": "2024-06-20",
+            "created": now_secs(),
+            "data": {"object": {
+                "id": self.id,
+                "object": "checkout.session",
+                "after_expiration": null,
+                "allow_promotion_codes": null,
+                "amount_subtotal": self.cents,
+                "amount_total": self.cents,
+                "automatic_tax": {"enabled": false, "liability": null, "status": null},
+                "billing_address_collection": null,
+                "cancel_url": "https://market.example.com/cancel",
+                "client_reference_id": self.reference,
+                "consent": null,
+                "created": now_secs() - 60,
+                "currency": self.currency,
+                "customer": null,
+                "customer_creation": "if_required",
+                "customer_details": {"email": "buyer@example.com", "name": "Buyer", "tax_exempt": "none"},
+                "expires_at": now_secs() + 86_400,
+                "livemode": false,
+                "locale": null,
+                "metadata": self.metadata,
+                "mode": "payment",
+                "payment_intent": self.payment_intent,
+                "payment_method_types": ["card"],
+                "payment_status": self.payment_status,
+                "status": "complete",
+                "success_url": "https://market.example.com/success",
+                "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+                "url": null
+            }},
             "livemode": false,
-            "locale": null,
-            "metadata": metadata,
-            "mode": "payment",
-            "payment_intent": payment_intent,
-            "payment_method_types": ["card"],
-            "payment_status": payment_status,
-            "status": "complete",
-            "success_url": "https://market.example.com/success",
-            "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
-            "url": null
-        }},
-        "livemode": false,
-        "pending_webhooks": 1,
-        "request": {"id": null, "idempotency_key": null},
-        "type": "checkout.session.completed"
-    })
-    .to_string()
+            "pending_webhooks": 1,
+            "request": {"id": null, "idempotency_key": null},
+            "type": "checkout.session.completed"
+        })
+        .to_string()
+    }
 }
 
 fn paid(event: &str, session: &str, pi: &str, account: &str, cents: i64) -> String {
-    checkout(
-        event,
-        session,
-        pi,
-        json!(account),
-        json!({}),
-        cents,
-        "usd",
-        "paid",
-    )
+    Session::paid(event, session, pi, account, cents).event()
 }
 
 /// A `charge.refunded` event (`amount_refunded` is cumulative over the charge's refunds).
@@ -202,16 +218,12 @@ async fn a_paid_checkout_credits_the_wallet_exactly_once() {
 
         // Five concurrent deliveries of one event credit it once; the account is named
         // by metadata.account this time.
-        let evt2 = checkout(
-            "evt_1Q0PaidB",
-            "cs_test_b1",
-            "pi_3PaidB",
-            Value::Null,
-            json!({"account": "buyer"}),
-            1_000,
-            "usd",
-            "paid",
-        );
+        let evt2 = Session {
+            reference: Value::Null,
+            metadata: json!({"account": "buyer"}),
+            ..Session::paid("evt_1Q0PaidB", "cs_test_b1", "pi_3PaidB", "", 1_000)
+        }
+        .event();
         let outcomes =
             futures::future::join_all((0..5).map(|_| deliver(&m.base, &evt2, Some(signed(&evt2)))))
                 .await;
@@ -228,16 +240,11 @@ async fn a_paid_checkout_credits_the_wallet_exactly_once() {
         let before = wallet(&m, &buyer.id).await;
         for (payload, reason) in [
             (
-                checkout(
-                    "evt_u1",
-                    "cs_u1",
-                    "pi_u1",
-                    json!(buyer.id),
-                    json!({}),
-                    500,
-                    "usd",
-                    "unpaid",
-                ),
+                Session {
+                    payment_status: "unpaid",
+                    ..Session::paid("evt_u1", "cs_u1", "pi_u1", &buyer.id, 500)
+                }
+                .event(),
                 "not completed",
             ),
             (
@@ -245,16 +252,11 @@ async fn a_paid_checkout_credits_the_wallet_exactly_once() {
                 "no known account",
             ),
             (
-                checkout(
-                    "evt_u3",
-                    "cs_u3",
-                    "pi_u3",
-                    json!(buyer.id),
-                    json!({}),
-                    500,
-                    "eur",
-                    "paid",
-                ),
+                Session {
+                    currency: "eur",
+                    ..Session::paid("evt_u3", "cs_u3", "pi_u3", &buyer.id, 500)
+                }
+                .event(),
                 "not a USD",
             ),
             (
