@@ -573,7 +573,8 @@ pub async fn close_month(ledger: &Ledger, month: Month) -> Result<CloseReport, B
         });
     }
     let mut stored = Vec::new();
-    for account_id in Ledger::accounts_with_activity_before(&mut tx, month.end_ms()).await? {
+    for account_id in Ledger::accounts_to_invoice(&mut tx, month.start_ms(), month.end_ms()).await?
+    {
         let inv = build(ledger, &mut tx, &account_id, month, Some(at)).await?;
         if !inv.is_empty() {
             let rendered = render(&inv);

@@ -1264,17 +1264,25 @@ impl Ledger {
         .try_get(0)?)
     }
 
-    /// Accounts that may need an invoice for `[.., to)`: any wallet entry or call before `to`.
-    pub(crate) async fn accounts_with_activity_before(
+    /// Accounts that need an invoice for `[from, to)`, by name: those whose wallet moved
+    /// in the period, with a call finished in it or in flight at either end, or with
+    /// funds at its start (a dormant account at zero gets none).
+    pub(crate) async fn accounts_to_invoice(
         conn: &mut AnyConnection,
+        from: i64,
         to: i64,
     ) -> Result<Vec<String>, BillingError> {
         let rows = sqlx::query(
-            "SELECT a.id FROM accounts a WHERE EXISTS (SELECT 1 FROM calls c WHERE c.account_id = a.id AND c.created_at < $1) \
-             OR EXISTS (SELECT 1 FROM ledger_entries e JOIN ledger_transfers t ON t.id = e.transfer_id \
-                        WHERE e.ledger_account_id = 'wallet:' || a.id AND t.created_at < $1) \
+            "SELECT a.id FROM accounts a WHERE \
+               EXISTS (SELECT 1 FROM ledger_entries e JOIN ledger_transfers t ON t.id = e.transfer_id \
+                       WHERE e.ledger_account_id = 'wallet:' || a.id AND t.created_at >= $1 AND t.created_at < $2) \
+               OR EXISTS (SELECT 1 FROM calls c WHERE c.account_id = a.id AND c.created_at < $2 \
+                          AND (c.finished_at IS NULL OR c.finished_at >= $1)) \
+               OR (SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e JOIN ledger_transfers t ON t.id = e.transfer_id \
+                   WHERE e.ledger_account_id = 'wallet:' || a.id AND t.created_at < $1) <> 0 \
              ORDER BY a.name",
         )
+        .bind(from)
         .bind(to)
         .fetch_all(conn)
         .await?;
