@@ -840,9 +840,11 @@ async fn ledger(cli: &Cli, cmd: &LedgerCommand, j: bool) -> Result<ExitCode, Cli
                 json!({"revenue_micros": p.revenue_micros, "holds_micros": p.holds_micros}),
                 || {
                     format!(
-                        "platform: revenue ${}, holds ${}",
+                        "platform: revenue ${}, holds ${} (included credits ${}, losses ${})",
                         format_usd(p.revenue_micros),
-                        format_usd(p.holds_micros)
+                        format_usd(p.holds_micros),
+                        format_usd(p.included_credits_micros),
+                        format_usd(p.losses_micros)
                     )
                 },
             );

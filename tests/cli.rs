@@ -630,3 +630,325 @@ async fn trust_commands_set_limits_credentials_policies_and_read_the_audit_log()
     market.stop().await;
     units.shutdown().await;
 }
+#[tokio::test]
+async fn billing_commands_manage_plans_invoices_the_close_and_payouts() {
+    for backend in backends() {
+        let db = TestDb::new(backend).await;
+        let url = db.url.clone();
+        let fails_with = |argv: &[&str], text: &str| {
+            let out = bin(&url, argv);
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(
+                !out.status.success() && stderr.contains(text),
+                "{argv:?}: {stderr}"
+            );
+        };
+        json_of(&bin(&url, &["accounts", "create", "buyer", "--json"]));
+        json_of(&bin(&url, &["accounts", "create", "maker", "--json"]));
+
+        let plans = json_of(&bin(&url, &["billing", "plans", "list", "--json"]));
+        assert_eq!(plans["default_plan"], "free");
+        let ids: Vec<_> = plans["plans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["enterprise", "free", "pro"]);
+
+        // Plans: refusals first, then a change paid from the wallet.
+        fails_with(
+            &[
+                "billing",
+                "plans",
+                "set",
+                "--account",
+                "buyer",
+                "--plan",
+                "pro",
+            ],
+            "insufficient credits",
+        );
+        fails_with(
+            &[
+                "billing",
+                "plans",
+                "set",
+                "--account",
+                "buyer",
+                "--plan",
+                "gold",
+            ],
+            "no plan 'gold'",
+        );
+        fails_with(
+            &[
+                "billing",
+                "plans",
+                "set",
+                "--account",
+                "buyer",
+                "--plan",
+                "pro",
+                "--from",
+                "soon",
+            ],
+            "is not a time",
+        );
+        json_of(&bin(
+            &url,
+            &[
+                "credits",
+                "grant",
+                "--account",
+                "buyer",
+                "--amount",
+                "30.00",
+                "--json",
+            ],
+        ));
+        let set = json_of(&bin(
+            &url,
+            &[
+                "billing",
+                "plans",
+                "set",
+                "--account",
+                "buyer",
+                "--plan",
+                "pro",
+                "--json",
+            ],
+        ));
+        let fee = set["booked"]["fee_micros"].as_i64().unwrap();
+        assert!(fee > 0 && fee <= 20_000_000, "{set}");
+        let shown = json_of(&bin(
+            &url,
+            &["billing", "plans", "show", "--account", "buyer", "--json"],
+        ));
+        assert_eq!(shown["plan"]["id"], "pro");
+        assert_eq!(shown["history"].as_array().unwrap().len(), 1);
+
+        // Alerts and payees.
+        let low = json_of(&bin(
+            &url,
+            &[
+                "billing",
+                "low-balance",
+                "--account",
+                "buyer",
+                "--threshold",
+                "5.00",
+                "--json",
+            ],
+        ));
+        assert_eq!(low["low_balance_threshold_micros"], 5_000_000);
+        fails_with(
+            &[
+                "billing",
+                "low-balance",
+                "--account",
+                "buyer",
+                "--threshold",
+                "lots",
+            ],
+            "not an amount",
+        );
+        json_of(&bin(
+            &url,
+            &[
+                "billing",
+                "payee",
+                "--account",
+                "maker",
+                "--paypal",
+                "maker@example.com",
+                "--json",
+            ],
+        ));
+        fails_with(
+            &[
+                "billing",
+                "payee",
+                "--account",
+                "maker",
+                "--stripe",
+                "maker@example.com",
+            ],
+            "acct_",
+        );
+
+        // This month's invoice is a draft; the month cannot be closed yet.
+        let month =
+            mcp_marketplace::billing::Month::of_ms(mcp_marketplace::store::now_ms()).to_string();
+        let draft = json_of(&bin(
+            &url,
+            &[
+                "billing",
+                "invoice",
+                "--account",
+                "buyer",
+                "--month",
+                &month,
+                "--json",
+            ],
+        ));
+        assert_eq!(draft["status"], "draft");
+        assert_eq!(draft["totals"]["subscription_micros"], fee);
+        let csv = bin(
+            &url,
+            &[
+                "billing",
+                "invoice",
+                "--account",
+                "buyer",
+                "--month",
+                &month,
+                "--format",
+                "csv",
+            ],
+        );
+        assert!(String::from_utf8_lossy(&csv.stdout).starts_with("invoice,account,month,kind"));
+        fails_with(
+            &["billing", "close", "--month", &month],
+            "cannot be closed before",
+        );
+        fails_with(
+            &["billing", "close", "--month", "2026-13"],
+            "is not a month",
+        );
+        fails_with(
+            &["billing", "payouts", "--month", "2020-02"],
+            "not closed yet",
+        );
+
+        // A past month closes once; its payouts write both batch files.
+        let closed = json_of(&bin(
+            &url,
+            &["billing", "close", "--month", "2020-01", "--json"],
+        ));
+        assert_eq!(
+            (
+                closed["invoices"].as_i64(),
+                closed["already_closed"].as_bool()
+            ),
+            (Some(0), Some(false))
+        );
+        let again = json_of(&bin(
+            &url,
+            &["billing", "close", "--month", "2020-01", "--json"],
+        ));
+        assert_eq!(again["already_closed"], true);
+        let out_dir = tempfile::tempdir().unwrap();
+        let payouts = json_of(&bin(
+            &url,
+            &[
+                "billing",
+                "payouts",
+                "--month",
+                "2020-01",
+                "--out-dir",
+                out_dir.path().to_str().unwrap(),
+                "--json",
+            ],
+        ));
+        assert_eq!(payouts["payouts"], json!([]));
+        let stripe =
+            std::fs::read_to_string(out_dir.path().join("payouts-2020-01-stripe.csv")).unwrap();
+        assert_eq!(
+            stripe,
+            "destination,amount,currency,description,transfer_group,idempotency_key\n"
+        );
+        assert!(out_dir.path().join("payouts-2020-01-paypal.csv").exists());
+
+        let usage = bin(&url, &["billing", "usage", "--account", "buyer"]);
+        assert_eq!(
+            String::from_utf8_lossy(&usage.stdout).lines().next(),
+            Some(
+                mcp_marketplace::billing::usage::CSV_HEADER
+                    .join(",")
+                    .as_str()
+            )
+        );
+        assert_eq!(
+            json_of(&bin(&url, &["billing", "renew", "--json"]))["booked"],
+            0
+        );
+        let platform = json_of(&bin(&url, &["ledger", "balance", "--platform", "--json"]));
+        assert_eq!(platform["revenue_micros"], fee);
+        assert_eq!(
+            json_of(&bin(&url, &["ledger", "verify", "--json"]))["ok"],
+            true
+        );
+    }
+}
+
+#[test]
+fn plans_come_from_the_config_file_and_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("plans.db").display());
+    let cfg = dir.path().join("market.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "database_url = \"{db}\"\n[billing]\npayout_threshold = \"25.00\"\n\
+             [plans.team]\nname = \"Team\"\nmonthly_fee = \"50.00\"\nmonthly_calls = 50000\n\
+             rate_limits = {{ per_key = \"100/min\" }}\n"
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-marketplace"));
+        cmd.args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "billing",
+            "plans",
+            "list",
+            "--json",
+        ])
+        .env_remove("MCP_MARKETPLACE_DATABASE_URL");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let plans = json_of(&run(&[(
+        "MCP_MARKETPLACE_PLANS__PRO__MONTHLY_FEE",
+        "25.00",
+    )]));
+    let plan = |id: &str| {
+        plans["plans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(plan("team")["monthly_fee_micros"], 50_000_000);
+    assert_eq!(plan("team")["monthly_calls"], 50_000);
+    assert_eq!(plan("team")["rate_limits"]["per_key"], "100/min");
+    assert_eq!(
+        plan("pro")["monthly_fee_micros"],
+        25_000_000,
+        "the variable wins"
+    );
+    assert_eq!(
+        plan("pro")["included_credits_micros"],
+        20_000_000,
+        "the rest is built in"
+    );
+    let out = run(&[("MCP_MARKETPLACE_PLANS__PRO__MONTHLY_CALLS", "many")]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("monthly_calls"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[("MCP_MARKETPLACE_BILLING__DEFAULT_PLAN", "team")]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("must be free"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
