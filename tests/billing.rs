@@ -4,31 +4,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use common::books::{Books, End, ms};
+use common::books::{Books, End, ms, plans_with_free_quota};
 use common::{Backend, TestDb, backends};
 use mcp_marketplace::billing::invoices::{self, InvoiceFormat};
 use mcp_marketplace::billing::payouts::{self, PayoutMethod};
-use mcp_marketplace::billing::plans::{PlanBook, PlanFile, QuotaSetting};
 use mcp_marketplace::billing::{BillingError, Month, alerts};
 use mcp_marketplace::store::Store;
 use sqlx::Row;
 
 fn month(m: &str) -> Month {
     m.parse().unwrap()
-}
-
-fn plans_with_free_quota(calls: i64) -> PlanBook {
-    let mut files = BTreeMap::new();
-    files.insert(
-        "free".to_owned(),
-        PlanFile {
-            monthly_calls: Some(QuotaSetting::Number(calls)),
-            ..PlanFile::default()
-        },
-    );
-    PlanBook::from_config(&files, None).unwrap()
 }
 
 #[tokio::test]

@@ -5,32 +5,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use common::books::plans_with_free_quota;
 use common::{World, args, backends};
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::keys::{NewKey, create_key, list_keys};
 use mcp_marketplace::billing::period::{ManualClock, rfc3339};
-use mcp_marketplace::billing::plans::{PlanBook, PlanFile, QuotaSetting};
 use mcp_marketplace::billing::usage::CSV_HEADER;
 use mcp_marketplace::billing::{CallStats, Ledger, Month, Reservation, invoices};
 use rmcp::RoleClient;
 use rmcp::model::{CallToolRequestParams, CallToolResult};
 use rmcp::service::RunningService;
 use serde_json::{Value, json};
-
-fn plans_with_free_quota(calls: i64) -> PlanBook {
-    let mut files = BTreeMap::new();
-    files.insert(
-        "free".to_owned(),
-        PlanFile {
-            monthly_calls: Some(QuotaSetting::Number(calls)),
-            ..PlanFile::default()
-        },
-    );
-    PlanBook::from_config(&files, None).unwrap()
-}
 
 async fn call(client: &RunningService<RoleClient, ()>, name: &str, a: Value) -> CallToolResult {
     client

@@ -1,12 +1,13 @@
 //! Billing at the ledger level with a manual clock: accounts, servers and calls placed
 //! at chosen instants (to cross month boundaries), on a real SQLite file or PostgreSQL.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mcp_marketplace::auth::accounts::{Account, create_account};
 use mcp_marketplace::billing::ledger::{AccountBalance, PlatformBalance};
 use mcp_marketplace::billing::period::{Clock, ManualClock, parse_instant};
-use mcp_marketplace::billing::plans::PlanBook;
+use mcp_marketplace::billing::plans::{PlanBook, PlanFile, QuotaSetting};
 use mcp_marketplace::billing::{BillingError, CallStats, Ledger, Reservation};
 use mcp_marketplace::catalog::{Catalog, NewServer};
 use mcp_marketplace::security::EndpointPolicy;
@@ -218,4 +219,16 @@ impl Books {
 /// Epoch ms of an RFC 3339 instant, a day or a month.
 pub fn ms(instant: &str) -> i64 {
     parse_instant(instant).expect("a test instant")
+}
+
+/// The built-in plans with Free limited to `calls` calls a month.
+pub fn plans_with_free_quota(calls: i64) -> PlanBook {
+    let files = BTreeMap::from([(
+        "free".to_owned(),
+        PlanFile {
+            monthly_calls: Some(QuotaSetting::Number(calls)),
+            ..PlanFile::default()
+        },
+    )]);
+    PlanBook::from_config(&files, None).expect("test plans")
 }
