@@ -635,18 +635,21 @@ async fn billing_commands_manage_plans_invoices_the_close_and_payouts() {
     for backend in backends() {
         let db = TestDb::new(backend).await;
         let url = db.url.clone();
-        let fails_with = |argv: &[&str], text: &str| {
-            let out = bin(&url, argv);
+        // One command line, words separated by spaces.
+        let run = |line: &str| bin(&url, &line.split_whitespace().collect::<Vec<_>>());
+        let ok = |line: &str| json_of(&run(line));
+        let fails_with = |line: &str, text: &str| {
+            let out = run(line);
             let stderr = String::from_utf8_lossy(&out.stderr).to_string();
             assert!(
                 !out.status.success() && stderr.contains(text),
-                "{argv:?}: {stderr}"
+                "{line}: {stderr}"
             );
         };
-        json_of(&bin(&url, &["accounts", "create", "buyer", "--json"]));
-        json_of(&bin(&url, &["accounts", "create", "maker", "--json"]));
+        ok("accounts create buyer --json");
+        ok("accounts create maker --json");
 
-        let plans = json_of(&bin(&url, &["billing", "plans", "list", "--json"]));
+        let plans = ok("billing plans list --json");
         assert_eq!(plans["default_plan"], "free");
         let ids: Vec<_> = plans["plans"]
             .as_array()
@@ -658,175 +661,62 @@ async fn billing_commands_manage_plans_invoices_the_close_and_payouts() {
 
         // Plans: refusals first, then a change paid from the wallet.
         fails_with(
-            &[
-                "billing",
-                "plans",
-                "set",
-                "--account",
-                "buyer",
-                "--plan",
-                "pro",
-            ],
+            "billing plans set --account buyer --plan pro",
             "insufficient credits",
         );
         fails_with(
-            &[
-                "billing",
-                "plans",
-                "set",
-                "--account",
-                "buyer",
-                "--plan",
-                "gold",
-            ],
+            "billing plans set --account buyer --plan gold",
             "no plan 'gold'",
         );
         fails_with(
-            &[
-                "billing",
-                "plans",
-                "set",
-                "--account",
-                "buyer",
-                "--plan",
-                "pro",
-                "--from",
-                "soon",
-            ],
+            "billing plans set --account buyer --plan pro --from soon",
             "is not a time",
         );
-        json_of(&bin(
-            &url,
-            &[
-                "credits",
-                "grant",
-                "--account",
-                "buyer",
-                "--amount",
-                "30.00",
-                "--json",
-            ],
-        ));
-        let set = json_of(&bin(
-            &url,
-            &[
-                "billing",
-                "plans",
-                "set",
-                "--account",
-                "buyer",
-                "--plan",
-                "pro",
-                "--json",
-            ],
-        ));
+        fails_with(
+            "billing plans set --account nobody --plan pro",
+            "no account named",
+        );
+        ok("credits grant --account buyer --amount 30.00 --json");
+        let set = ok("billing plans set --account buyer --plan pro --json");
         let fee = set["booked"]["fee_micros"].as_i64().unwrap();
         assert!(fee > 0 && fee <= 20_000_000, "{set}");
-        let shown = json_of(&bin(
-            &url,
-            &["billing", "plans", "show", "--account", "buyer", "--json"],
-        ));
+        let shown = ok("billing plans show --account buyer --json");
         assert_eq!(shown["plan"]["id"], "pro");
         assert_eq!(shown["history"].as_array().unwrap().len(), 1);
 
         // Alerts and payees.
-        let low = json_of(&bin(
-            &url,
-            &[
-                "billing",
-                "low-balance",
-                "--account",
-                "buyer",
-                "--threshold",
-                "5.00",
-                "--json",
-            ],
-        ));
+        let low = ok("billing low-balance --account buyer --threshold 5.00 --json");
         assert_eq!(low["low_balance_threshold_micros"], 5_000_000);
         fails_with(
-            &[
-                "billing",
-                "low-balance",
-                "--account",
-                "buyer",
-                "--threshold",
-                "lots",
-            ],
+            "billing low-balance --account buyer --threshold lots",
             "not an amount",
         );
-        json_of(&bin(
-            &url,
-            &[
-                "billing",
-                "payee",
-                "--account",
-                "maker",
-                "--paypal",
-                "maker@example.com",
-                "--json",
-            ],
-        ));
+        ok("billing payee --account maker --paypal maker@example.com --json");
         fails_with(
-            &[
-                "billing",
-                "payee",
-                "--account",
-                "maker",
-                "--stripe",
-                "maker@example.com",
-            ],
+            "billing payee --account maker --stripe maker@example.com",
             "acct_",
         );
 
         // This month's invoice is a draft; the month cannot be closed yet.
-        let month =
-            mcp_marketplace::billing::Month::of_ms(mcp_marketplace::store::now_ms()).to_string();
-        let draft = json_of(&bin(
-            &url,
-            &[
-                "billing",
-                "invoice",
-                "--account",
-                "buyer",
-                "--month",
-                &month,
-                "--json",
-            ],
+        let month = mcp_marketplace::billing::Month::of_ms(mcp_marketplace::store::now_ms());
+        let draft = ok(&format!(
+            "billing invoice --account buyer --month {month} --json"
         ));
         assert_eq!(draft["status"], "draft");
         assert_eq!(draft["totals"]["subscription_micros"], fee);
-        let csv = bin(
-            &url,
-            &[
-                "billing",
-                "invoice",
-                "--account",
-                "buyer",
-                "--month",
-                &month,
-                "--format",
-                "csv",
-            ],
-        );
+        let csv = run(&format!(
+            "billing invoice --account buyer --month {month} --format csv"
+        ));
         assert!(String::from_utf8_lossy(&csv.stdout).starts_with("invoice,account,month,kind"));
         fails_with(
-            &["billing", "close", "--month", &month],
+            &format!("billing close --month {month}"),
             "cannot be closed before",
         );
-        fails_with(
-            &["billing", "close", "--month", "2026-13"],
-            "is not a month",
-        );
-        fails_with(
-            &["billing", "payouts", "--month", "2020-02"],
-            "not closed yet",
-        );
+        fails_with("billing close --month 2026-13", "is not a month");
+        fails_with("billing payouts --month 2020-02", "not closed yet");
 
         // A past month closes once; its payouts write both batch files.
-        let closed = json_of(&bin(
-            &url,
-            &["billing", "close", "--month", "2020-01", "--json"],
-        ));
+        let closed = ok("billing close --month 2020-01 --json");
         assert_eq!(
             (
                 closed["invoices"].as_i64(),
@@ -834,23 +724,14 @@ async fn billing_commands_manage_plans_invoices_the_close_and_payouts() {
             ),
             (Some(0), Some(false))
         );
-        let again = json_of(&bin(
-            &url,
-            &["billing", "close", "--month", "2020-01", "--json"],
-        ));
-        assert_eq!(again["already_closed"], true);
+        assert_eq!(
+            ok("billing close --month 2020-01 --json")["already_closed"],
+            true
+        );
         let out_dir = tempfile::tempdir().unwrap();
-        let payouts = json_of(&bin(
-            &url,
-            &[
-                "billing",
-                "payouts",
-                "--month",
-                "2020-01",
-                "--out-dir",
-                out_dir.path().to_str().unwrap(),
-                "--json",
-            ],
+        let payouts = ok(&format!(
+            "billing payouts --month 2020-01 --out-dir {} --json",
+            out_dir.path().display()
         ));
         assert_eq!(payouts["payouts"], json!([]));
         let stripe =
@@ -861,7 +742,7 @@ async fn billing_commands_manage_plans_invoices_the_close_and_payouts() {
         );
         assert!(out_dir.path().join("payouts-2020-01-paypal.csv").exists());
 
-        let usage = bin(&url, &["billing", "usage", "--account", "buyer"]);
+        let usage = run("billing usage --account buyer");
         assert_eq!(
             String::from_utf8_lossy(&usage.stdout).lines().next(),
             Some(
@@ -870,16 +751,12 @@ async fn billing_commands_manage_plans_invoices_the_close_and_payouts() {
                     .as_str()
             )
         );
+        assert_eq!(ok("billing renew --json")["booked"], 0);
         assert_eq!(
-            json_of(&bin(&url, &["billing", "renew", "--json"]))["booked"],
-            0
+            ok("ledger balance --platform --json")["revenue_micros"],
+            fee
         );
-        let platform = json_of(&bin(&url, &["ledger", "balance", "--platform", "--json"]));
-        assert_eq!(platform["revenue_micros"], fee);
-        assert_eq!(
-            json_of(&bin(&url, &["ledger", "verify", "--json"]))["ok"],
-            true
-        );
+        assert_eq!(ok("ledger verify --json")["ok"], true);
     }
 }
 
