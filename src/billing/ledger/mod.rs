@@ -35,7 +35,7 @@
 //! Lock order. On PostgreSQL two transactions that lock the same rows in different
 //! orders can deadlock; every transaction here locks in one order: the call row, the
 //! key, the usage counter, then ledger accounts ranked wallet < holds < earnings <
-//! platform < external (see [`lock_rank`]; [`write_entries`] sorts by it).
+//! platform < external (see [`lock_rank`]; `write_entries` sorts by it).
 //!
 //! The folder: this file holds the types, the money movements and their primitives;
 //! `subscriptions.rs` plans and the booking of their monthly fees and credits;
