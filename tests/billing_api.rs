@@ -41,7 +41,7 @@ fn convert() -> Value {
 #[tokio::test]
 async fn the_plan_quota_refuses_calls_uncharged_and_refunded_calls_do_not_count() {
     for backend in backends() {
-        let w = World::start_with(backend, 1_000_000, |c| {
+        let w = World::start_with(backend, 1_000_000, |c, _| {
             c.billing.plans = Arc::new(plans_with_free_quota(2));
         })
         .await;
@@ -100,7 +100,7 @@ async fn get_balance_and_get_usage_show_spend_against_plan_and_limits() {
             "user",
             &NewKey {
                 scopes: vec![Scope::Invoke],
-                spend_limit: Some((100_000, "day".into())),
+                spend_limits: vec![(100_000, "day".into())],
                 ..NewKey::default()
             },
         )
@@ -392,7 +392,7 @@ async fn invoices_are_served_as_drafts_and_once_closed_as_stored() {
                 price_micros: common::UNITS_PRICE,
                 fee_bps: 3000,
                 hold_expires_at: i64::MAX,
-                spend_limit: None,
+                spend_limits: Vec::new(),
                 request_bytes: 10,
             })
             .await

@@ -88,9 +88,10 @@ impl Books {
             pricing: pricing.to_owned(),
             ..NewServer::default()
         };
-        let policy = EndpointPolicy {
-            allowed_hosts: vec!["127.0.0.1".into()],
-        };
+        let policy = EndpointPolicy::new(
+            vec!["127.0.0.1".into()],
+            std::sync::Arc::new(mcp_marketplace::security::ssrf::StaticLookup::new(None)),
+        );
         self.catalog
             .register(&owner.id, &new, &policy)
             .await
@@ -129,7 +130,7 @@ impl Books {
                 price_micros: price,
                 fee_bps,
                 hold_expires_at: i64::MAX,
-                spend_limit: None,
+                spend_limits: Vec::new(),
                 request_bytes: 10,
             })
             .await?;
