@@ -54,7 +54,7 @@ ALTER TABLE calls ADD COLUMN request_bytes BIGINT NOT NULL DEFAULT 0 CHECK (requ
 ALTER TABLE calls ADD COLUMN response_bytes BIGINT NOT NULL DEFAULT 0 CHECK (response_bytes >= 0);
 CREATE INDEX calls_account_id ON calls(account_id, id);
 CREATE INDEX calls_account_finished ON calls(account_id, finished_at);
-CREATE INDEX calls_key ON calls(key_id, created_at);
+-- calls_key (key_id, created_at), which the spend limits read, comes with 0002.
 
 CREATE FUNCTION mkt_calls_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
