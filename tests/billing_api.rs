@@ -120,8 +120,8 @@ async fn get_balance_and_get_usage_show_spend_against_plan_and_limits() {
         assert_eq!(b["calls_this_month"], 1);
         assert_eq!(b["spent_this_month_micros"], common::UNITS_PRICE);
         assert_eq!(
-            b["key_spend_limit"],
-            json!({"limit_micros": 100_000, "period": "day", "spent_micros": 20_000, "remaining_micros": 80_000})
+            b["key_spend_limits"],
+            json!([{"limit_micros": 100_000, "period": "day", "spent_micros": 20_000, "remaining_micros": 80_000}])
         );
         assert_eq!(b["low_balance_threshold_micros"], 990_000);
         assert_eq!(b["low_balance_alerted"], true);
