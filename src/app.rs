@@ -169,7 +169,10 @@ impl App {
             policies: Policies::new(store.clone()),
             rate_limits: RateLimiter::default(),
             concurrency: ConcurrencyCaps::default(),
-            account_limits: std::sync::RwLock::new(None),
+            // Billing plans set per-account rate limits (replaceable by embedders/tests).
+            account_limits: std::sync::RwLock::new(Some(Arc::new(crate::billing::PlanLimits(
+                ledger.clone(),
+            )))),
             catalog,
             notifier: Notifier::default(),
             config,

@@ -22,20 +22,16 @@ fn convert_args() -> Value {
     json!({"value": 1, "from": "m", "to": "cm"})
 }
 
+/// An account limit source other than the billing plans.
 #[derive(Debug)]
-struct Plan;
+struct OneCallPerKey;
 
-impl AccountLimitSource for Plan {
-    fn account_limits<'a>(&'a self, account_id: &'a str) -> BoxFuture<'a, AccountLimits> {
-        let id = account_id.to_owned();
+impl AccountLimitSource for OneCallPerKey {
+    fn account_limits<'a>(&'a self, _account_id: &'a str) -> BoxFuture<'a, AccountLimits> {
         Box::pin(async move {
-            if id.is_empty() {
-                AccountLimits::default()
-            } else {
-                AccountLimits {
-                    per_account: Some(Rate::per(2, Period::Minute)),
-                    ..AccountLimits::default()
-                }
+            AccountLimits {
+                per_key: Some(Rate::per(1, Period::Minute)),
+                ..AccountLimits::default()
             }
         })
     }
@@ -120,7 +116,24 @@ async fn rate_limits_answer_429_and_never_charge() {
 
 #[tokio::test]
 async fn overrides_and_plans_set_the_rate() {
-    let w = World::start(Backend::Sqlite, 1_000_000).await;
+    let w = World::start_with(Backend::Sqlite, 1_000_000, |c, _| {
+        let team = mcp_marketplace::billing::plans::PlanFile {
+            name: Some("Team".into()),
+            rate_limits: mcp_marketplace::config::RateLimitsFile {
+                per_account: Some("2/min".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        c.billing.plans = Arc::new(
+            mcp_marketplace::billing::PlanBook::from_config(
+                &[("team".to_owned(), team)].into(),
+                None,
+            )
+            .expect("plans"),
+        );
+    })
+    .await;
     let m = &w.market;
     let units = m.app.catalog.get("units").await.unwrap();
     // A server override: 1 call per minute per account.
@@ -198,8 +211,8 @@ async fn overrides_and_plans_set_the_rate() {
         a.message.unwrap()["error"]["data"]["limit"],
         json!("per_key")
     );
-    // A plan plugged in as an account limit source: 2 per minute per account.
-    m.app.set_account_limit_source(Arc::new(Plan));
+    // A billing plan's limits (config `[plans.team] rate_limits`): 2 per minute per
+    // account for accounts on it, while the world's user stays on the default plan.
     let planned = m.account("planned").await;
     m.app.install(&planned.id, "units").await.unwrap();
     m.app
@@ -207,6 +220,11 @@ async fn overrides_and_plans_set_the_rate() {
         .topup(&planned.id, 1_000_000, "test")
         .await
         .unwrap();
+    m.app
+        .ledger
+        .change_plan(&planned.id, "team", None)
+        .await
+        .expect("the team plan is free of charge");
     let pk = m.key("planned", &[Scope::Invoke]).await;
     let p = RawSession::open(&m.mcp_url(), &pk).await;
     assert_eq!(
@@ -225,6 +243,16 @@ async fn overrides_and_plans_set_the_rate() {
         a.message.unwrap()["error"]["data"]["limit"],
         json!("per_account")
     );
+    assert_eq!(
+        s.call(30, "units__convert", convert_args()).await.status,
+        200,
+        "accounts on other plans keep their limits"
+    );
+    // Any other source can be plugged in instead (here: 1 call per minute per key).
+    m.app.set_account_limit_source(Arc::new(OneCallPerKey));
+    let other = RawSession::open(&m.mcp_url(), &key).await;
+    let a = other.call(40, "units__convert", convert_args()).await;
+    assert_eq!(a.status, 429, "the key's earlier calls count against 1/min");
     m.assert_ledger_ok().await;
     w.stop().await;
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 pub use ledger::{BillingError, CallStats, Ledger, Outcome, Reservation};
 pub use period::Month;
-pub use plans::PlanBook;
+pub use plans::{PlanBook, PlanLimits};
 pub use receipts::Receipt;
 
 /// The default payout threshold: 10 USD in micros. Below it a creator's earnings are

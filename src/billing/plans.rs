@@ -17,89 +17,26 @@
 //! [`super::Ledger::renew_subscriptions`]). This module holds the configured plans.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
-use std::time::Duration;
 
 use super::pricing::{MAX_GRANT_MICROS, parse_usd};
+pub use crate::config::RateLimitsFile;
+use futures::future::BoxFuture;
+
+use crate::security::ratelimit::{AccountLimitSource, AccountLimits, Rate};
 
 /// The id of the plan accounts start on, unless `[billing] default_plan` says otherwise.
 pub const DEFAULT_PLAN_ID: &str = "free";
 
-/// A rate limit as written in config: `N/sec`, `N/min`, `N/hour`, or `off`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(into = "String")]
-pub enum RateLimit {
-    /// No limit.
-    Off,
-    /// At most `count` requests per `per`.
-    Every {
-        /// Requests allowed per period (≥ 1).
-        count: u32,
-        /// The period: one second, minute or hour.
-        per: Duration,
-    },
-}
-
-impl fmt::Display for RateLimit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Off => f.write_str("off"),
-            Self::Every { count, per } => {
-                let unit = match per.as_secs() {
-                    1 => "sec",
-                    60 => "min",
-                    _ => "hour",
-                };
-                write!(f, "{count}/{unit}")
-            }
-        }
-    }
-}
-
-impl From<RateLimit> for String {
-    fn from(r: RateLimit) -> String {
-        r.to_string()
-    }
-}
-
-impl FromStr for RateLimit {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        if s.eq_ignore_ascii_case("off") {
-            return Ok(Self::Off);
-        }
-        let bad = || format!("'{s}' is not a rate limit (expected N/sec, N/min, N/hour or off)");
-        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
-        let count: u32 = n.trim().parse().map_err(|_| bad())?;
-        let per = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            _ => return Err(bad()),
-        };
-        if count == 0 {
-            return Err(format!(
-                "'{s}': a rate limit allows at least 1 request (or is 'off')"
-            ));
-        }
-        Ok(Self::Every { count, per })
-    }
-}
-
 /// A plan's rate limits; `None` means the marketplace-wide `[rate_limits]` value applies.
-/// The rate limiter (security layer) reads them through
-/// [`super::Ledger::rate_limits_for`].
+/// The rate limiter (security layer) reads them through [`super::PlanLimits`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PlanRateLimits {
     /// All calls of the account.
-    pub per_account: Option<RateLimit>,
+    pub per_account: Option<Rate>,
     /// All calls made with one key.
-    pub per_key: Option<RateLimit>,
+    pub per_key: Option<Rate>,
     /// Calls of the account to one server.
-    pub per_account_per_server: Option<RateLimit>,
+    pub per_account_per_server: Option<Rate>,
 }
 
 /// One plan. Money in micros.
@@ -182,17 +119,6 @@ impl QuotaSetting {
     }
 }
 
-/// `[plans.ID.rate_limits]` in a config file.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub struct RateLimitsFile {
-    /// e.g. `600/min`.
-    pub per_account: Option<String>,
-    /// e.g. `600/min`.
-    pub per_key: Option<String>,
-    /// e.g. `20/min`.
-    pub per_account_per_server: Option<String>,
-}
-
 /// `[plans.ID]` in a config file; every key optional (a built-in plan keeps its value).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct PlanFile {
@@ -209,7 +135,7 @@ pub struct PlanFile {
     pub rate_limits: RateLimitsFile,
 }
 
-fn limit(s: &str) -> RateLimit {
+fn limit(s: &str) -> Rate {
     s.parse().expect("built-in rate limits parse")
 }
 
@@ -361,25 +287,36 @@ pub fn prorate(amount: i64, month_start: i64, month_end: i64, starts_at: i64) ->
     (i128::from(amount) * remaining / len) as i64
 }
 
+/// The billing plans as the rate limiter's per-account source
+/// ([`AccountLimitSource`]): the limits of the plan an account is on replace the
+/// marketplace-wide `[rate_limits]` defaults; an account's own override in the database
+/// still wins (precedence in `security::policy`). Installed by `App::with_store`.
+#[derive(Debug, Clone)]
+pub struct PlanLimits(pub super::Ledger);
+
+impl AccountLimitSource for PlanLimits {
+    fn account_limits<'a>(&'a self, account_id: &'a str) -> BoxFuture<'a, AccountLimits> {
+        Box::pin(async move {
+            match self.0.rate_limits_for(account_id).await {
+                Ok(plan) => AccountLimits {
+                    per_account: plan.per_account,
+                    per_account_per_server: plan.per_account_per_server,
+                    per_key: plan.per_key,
+                },
+                // The store failing must not stop calls: the configured defaults apply
+                // (the reserve that follows needs the store anyway and fails cleanly).
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the account's plan limits; using the defaults");
+                    AccountLimits::default()
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_rate_limits() {
-        assert_eq!(
-            "20/min".parse::<RateLimit>(),
-            Ok(RateLimit::Every {
-                count: 20,
-                per: Duration::from_secs(60)
-            })
-        );
-        assert_eq!("off".parse::<RateLimit>(), Ok(RateLimit::Off));
-        assert_eq!("5/sec".parse::<RateLimit>().unwrap().to_string(), "5/sec");
-        for bad in ["0/min", "x/min", "5/day", "5", ""] {
-            assert!(bad.parse::<RateLimit>().is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn config_overlays_builtin_plans() {
