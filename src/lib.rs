@@ -9,6 +9,7 @@
 //!
 //! | module | job |
 //! | --- | --- |
+//! | [`alerts`] | the transactional alert outbox: server status changes, tool changes, incidents, low balances, digests |
 //! | [`gateway`] | the downstream MCP server: `/mcp` and `/servers/{slug}/mcp`, tool listing, the call path ([`gateway::call`]) |
 //! | [`upstream`] | upstream MCP sessions per (account, server), forwarding, tool-list fetches |
 //! | [`billing`] | prices in micros, the two-phase ledger, plans and quotas, the usage log, invoices, payouts, Stripe top-ups, low-balance alerts, signed receipts |
@@ -24,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;
