@@ -107,6 +107,10 @@ pub struct App {
     pub rate_limits: RateLimiter,
     /// Per-server concurrency caps of this process.
     pub concurrency: ConcurrencyCaps,
+    /// Circuit breakers and load per endpoint (issue 4).
+    pub breakers: crate::upstream::breaker::Breakers,
+    /// Live-call failure streaks feeding the status machine (issue 4).
+    pub call_health: crate::upstream::health::CallHealth,
     account_limits: std::sync::RwLock<Option<Arc<dyn AccountLimitSource>>>,
     refresh_tx: mpsc::UnboundedSender<String>,
     refresh_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
@@ -169,6 +173,8 @@ impl App {
             policies: Policies::new(store.clone()),
             rate_limits: RateLimiter::default(),
             concurrency: ConcurrencyCaps::default(),
+            breakers: crate::upstream::breaker::Breakers::new(config.reliability.breaker),
+            call_health: crate::upstream::health::CallHealth::default(),
             // Billing plans set per-account rate limits (replaceable by embedders/tests).
             account_limits: std::sync::RwLock::new(Some(Arc::new(crate::billing::PlanLimits(
                 ledger.clone(),
@@ -457,7 +463,8 @@ impl App {
         let _ = self.refresh_tx.send(server_id.to_owned());
     }
 
-    async fn notify_server(&self, server_id: &str) {
+    /// Sends `notifications/tools/list_changed` to the sessions that see `server_id`.
+    pub(crate) async fn notify_server(&self, server_id: &str) {
         match (
             self.catalog.installed_by(server_id).await,
             self.catalog.get_by_id(server_id).await,
@@ -613,6 +620,14 @@ impl App {
                 app.rate_limits.evict_idle();
             }
         });
+        // The probe scheduler (issue 4).
+        let r = self.config.reliability;
+        self.tasks.spawn(crate::upstream::probe::run_scheduler(
+            self.clone(),
+            r.probe_interval,
+            r.probe_concurrency,
+            token.clone(),
+        ));
         // The tool-list refresher: list_changed requests, plus a TTL scan that also
         // starts watches for servers approved elsewhere (the CLI, another replica).
         let rx = self.refresh_rx.lock().ok().and_then(|mut r| r.take());

@@ -94,6 +94,20 @@ pub struct FileConfig {
     /// `[stripe]`.
     #[serde(default)]
     pub stripe: StripeFile,
+    /// `[probes]`: `interval` (e.g. `5m`), `concurrency`.
+    #[serde(default)]
+    pub probes: ProbesFile,
+    /// How long a shutdown lets calls in flight finish, e.g. `30s`.
+    pub shutdown_grace: Option<String>,
+}
+
+/// The `[probes]` section.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct ProbesFile {
+    /// Interval of scheduled probes (default `5m`).
+    pub interval: Option<String>,
+    /// Servers probed at once (default 4).
+    pub concurrency: Option<usize>,
 }
 
 /// The `[rate_limits]` section: `"N/sec"`, `"N/min"`, `"N/hour"` or `"off"` each.
@@ -250,6 +264,8 @@ pub struct Config {
     pub lookup: Option<Arc<dyn Lookup>>,
     /// Plans, payout threshold, Stripe webhook secret.
     pub billing: BillingConfig,
+    /// Probes, breakers, shutdown grace (issue 4).
+    pub reliability: crate::upstream::ReliabilityConfig,
 }
 
 impl Default for Config {
@@ -271,6 +287,7 @@ impl Default for Config {
             master_key: MasterKeySource::File(MasterKeySource::default_file(DEFAULT_DATABASE_URL)),
             lookup: None,
             billing: BillingConfig::default(),
+            reliability: crate::upstream::ReliabilityConfig::default(),
         }
     }
 }
@@ -307,6 +324,7 @@ impl Config {
     pub fn resolve(file: Option<&Path>, cli: Overrides) -> Result<Self, ConfigError> {
         let file = FileConfig::load(file)?;
         let billing = billing_config(&file)?;
+        let reliability = reliability_config(&file)?;
         let d = Config::default();
         let listen = cli.listen.or(file.listen).unwrap_or(d.listen);
         let public_url = cli
@@ -396,8 +414,44 @@ impl Config {
             master_key,
             lookup: None,
             billing,
+            reliability,
         })
     }
+}
+
+/// Resolves `[probes]` and `shutdown_grace`.
+fn reliability_config(
+    file: &FileConfig,
+) -> Result<crate::upstream::ReliabilityConfig, ConfigError> {
+    let d = crate::upstream::ReliabilityConfig::default();
+    let probe_interval = duration_or(
+        "probes.interval",
+        file.probes.interval.as_deref(),
+        d.probe_interval,
+    )?;
+    if probe_interval < Duration::from_secs(1) {
+        return Err(ConfigError::Invalid(
+            "probes.interval",
+            "at least 1s".into(),
+        ));
+    }
+    let probe_concurrency = file.probes.concurrency.unwrap_or(d.probe_concurrency);
+    if !(1..=256).contains(&probe_concurrency) {
+        return Err(ConfigError::Invalid(
+            "probes.concurrency",
+            "between 1 and 256".into(),
+        ));
+    }
+    Ok(crate::upstream::ReliabilityConfig {
+        probe_interval,
+        probe_concurrency,
+        shutdown_grace: duration_or(
+            "shutdown_grace",
+            file.shutdown_grace.as_deref(),
+            d.shutdown_grace,
+        )?,
+        ..d
+    })
 }
 
 /// Resolves `[billing]`, `[plans.*]` and `[stripe]`.

@@ -303,6 +303,8 @@ async fn credentials_are_injected_and_never_shown_and_the_secret_rotates() {
             .unwrap();
         let new_secret = r["secret"].as_str().unwrap().to_owned();
         assert!(new_secret.starts_with("mms_") && new_secret != first_secret);
+        // The creator configures the new secret (the fault server enforces it).
+        *fault.secret.write().unwrap() = Some(new_secret.clone());
         let s = RawSession::open(&market.mcp_url(), &key).await;
         assert_eq!(
             s.call(3, "faulty__add", json!({"a": 2, "b": 2}))

@@ -209,6 +209,130 @@ impl UpstreamSession {
         }
     }
 
+    /// As [`UpstreamSession::request`], reporting progress to `track`: `track.sent` is
+    /// set right before the request itself is posted (after any `initialize`) and
+    /// `track.id` holds the JSON-RPC id it carries (for `notifications/cancelled`). A
+    /// failure with `sent` unset, or [`UpstreamError::Connect`], never reached the
+    /// upstream, so it may be retried whatever the tool (issue 4 "retries only when
+    /// safe").
+    ///
+    /// # Errors
+    /// As [`UpstreamSession::request`].
+    pub async fn request_tracked(
+        &self,
+        method: &str,
+        params: Value,
+        extra: &HeaderMap,
+        on_message: OnMessage<'_>,
+        track: &Track,
+    ) -> Result<Value, UpstreamError> {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        let mut reinitialized = false;
+        loop {
+            let info = self.session(reinitialized).await?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            track.id.store(id, Ordering::SeqCst);
+            track.sent.store(true, Ordering::SeqCst);
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+            match self
+                .post(&body, Some(&info), extra, Some(id), on_message)
+                .await
+            {
+                Err(UpstreamError::SessionExpired) if !reinitialized => {
+                    // A 404 for the session: the request was not processed.
+                    track.sent.store(false, Ordering::SeqCst);
+                    reinitialized = true;
+                }
+                Err(UpstreamError::SessionExpired) => return Err(UpstreamError::HttpStatus(404)),
+                Ok(Some(result)) => return Ok(result),
+                Ok(None) => return Err(UpstreamError::Protocol("no response to a request".into())),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends the notification `method` with `params` on the session (no answer is
+    /// expected; e.g. `notifications/cancelled`, MCP 2025-06-18 "Cancellation"). Does
+    /// nothing when the session was never initialized.
+    ///
+    /// # Errors
+    /// Any connect/transport/HTTP error of the POST.
+    pub async fn notify(&self, method: &str, params: Value) -> Result<(), UpstreamError> {
+        let info = self.state.lock().await.clone();
+        let Some(info) = info else { return Ok(()) };
+        let body = json!({"jsonrpc": "2.0", "method": method, "params": params});
+        self.post(&body, Some(&info), &HeaderMap::new(), None, &|_| {})
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs the `initialize` handshake now unless the session has one (the probe times
+    /// it on its own).
+    ///
+    /// # Errors
+    /// Any [`UpstreamError`] of `initialize` or `notifications/initialized`.
+    pub async fn initialize_now(&self) -> Result<(), UpstreamError> {
+        self.session(false).await.map(|_| ())
+    }
+
+    /// POSTs `body` as is (it need not be JSON) and reads at most
+    /// [`RAW_ANSWER_CAP`] bytes of the answer, for probes of how an upstream handles what
+    /// no client should send. `in_session` adds the session's headers (initializing it if
+    /// needed); `omit_secret` leaves out `X-MCP-Marketplace-Secret` (the creator's other
+    /// credentials are still sent).
+    ///
+    /// # Errors
+    /// Connect, timeout and transport errors; an HTTP error status is an `Ok` answer.
+    pub async fn post_raw(
+        &self,
+        body: &str,
+        in_session: bool,
+        omit_secret: bool,
+    ) -> Result<RawAnswer, UpstreamError> {
+        let mut fixed = self.fixed.clone();
+        if omit_secret {
+            fixed.remove(SECRET_HEADER);
+        }
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header(http::header::ACCEPT, "application/json, text/event-stream")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .headers(fixed)
+            .body(body.to_owned());
+        if in_session {
+            let info = self.session(false).await?;
+            if let Some(id) = &info.session_id {
+                req = req.header("mcp-session-id", id);
+            }
+            req = req.header("mcp-protocol-version", &info.protocol_version);
+        }
+        let mut response = req
+            .send()
+            .await
+            .map_err(|e| UpstreamError::from_reqwest(&e))?;
+        let status = response.status().as_u16();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| UpstreamError::from_reqwest(&e))?
+        {
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() >= RAW_ANSWER_CAP {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        // A JSON body, or the first JSON `data:` line of an SSE stream.
+        let message = serde_json::from_str::<Value>(text.trim()).ok().or_else(|| {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .find_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        });
+        Ok(RawAnswer { status, message })
+    }
+
     /// Ends the session: `DELETE` with `Mcp-Session-Id` (best effort).
     pub async fn close(&self) {
         let info = self.state.lock().await.take();
@@ -456,6 +580,34 @@ impl UpstreamSession {
         }
         Ok(())
     }
+}
+
+/// Most bytes [`UpstreamSession::post_raw`] reads of an answer.
+pub const RAW_ANSWER_CAP: usize = 64 * 1024;
+
+/// What [`UpstreamSession::post_raw`] got back.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    /// The HTTP status.
+    pub status: u16,
+    /// The JSON-RPC message of the body (JSON or the first SSE event), if any.
+    pub message: Option<Value>,
+}
+
+impl RawAnswer {
+    /// `error.code` of a JSON-RPC error answer.
+    pub fn error_code(&self) -> Option<i64> {
+        self.message.as_ref()?.pointer("/error/code")?.as_i64()
+    }
+}
+
+/// Where [`UpstreamSession::request_tracked`] reports how far a request got.
+#[derive(Debug, Default)]
+pub struct Track {
+    /// Set once the request itself was handed to the connection.
+    pub sent: AtomicBool,
+    /// The JSON-RPC id of the request toward the upstream (0 before it is sent).
+    pub id: AtomicI64,
 }
 
 /// An error inside the capped byte stream.

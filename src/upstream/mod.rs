@@ -3,7 +3,10 @@
 //! opened lazily and closed when idle, so no account ever shares upstream session state
 //! with another, and fetches tool lists for the catalog.
 
+pub mod breaker;
 pub mod client;
+pub mod health;
+pub mod probe;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +29,42 @@ pub const TOOL_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// An (account, server) session unused this long is closed (ms).
 pub const DEFAULT_SESSION_IDLE_MS: i64 = 5 * 60 * 1000;
 
+/// Settings of the reliability layer (issue 4): `[probes]` and `shutdown_grace` in the
+/// configuration file, the breaker's thresholds (documented in [`breaker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReliabilityConfig {
+    /// Interval of scheduled probes (`[probes] interval`, default 5 min).
+    pub probe_interval: Duration,
+    /// Servers probed at once (`[probes] concurrency`, default 4).
+    pub probe_concurrency: usize,
+    /// Circuit breaker thresholds.
+    pub breaker: breaker::BreakerConfig,
+    /// How long a shutdown waits for calls in flight before cancelling (and refunding)
+    /// them (`shutdown_grace`, default 30 s).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ReliabilityConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval: probe::DEFAULT_INTERVAL,
+            probe_concurrency: probe::DEFAULT_CONCURRENCY,
+            breaker: breaker::BreakerConfig::default(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// Default time a shutdown lets calls in flight finish.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 /// The pool of upstream sessions plus the shared HTTP client.
 #[derive(Debug)]
 pub struct Upstreams {
     http: reqwest::Client,
     policy: EndpointPolicy,
-    sessions: DashMap<(String, String), Arc<UpstreamSession>>,
+    /// Keyed by (account id, server id, endpoint position).
+    sessions: DashMap<(String, String, usize), Arc<UpstreamSession>>,
     max_response_bytes: usize,
     idle_ms: i64,
 }
@@ -62,7 +95,19 @@ impl Upstreams {
     /// when the server has no endpoint, or its endpoint no longer passes the policy
     /// (an IP-literal host is checked here, since the resolver never sees it).
     pub fn detached_session(&self, server: &Server, fixed: &HeaderMap) -> Option<UpstreamSession> {
-        let url = server.endpoints.first()?;
+        self.endpoint_session(server, 0, fixed)
+    }
+
+    /// As [`Upstreams::detached_session`] for the endpoint at `position` (0-based, the
+    /// order of `server.endpoints`). `None` when there is no such endpoint or the policy
+    /// refuses it.
+    pub fn endpoint_session(
+        &self,
+        server: &Server,
+        position: usize,
+        fixed: &HeaderMap,
+    ) -> Option<UpstreamSession> {
+        let url = server.endpoints.get(position)?;
         if let Err(e) = self.policy.check(url) {
             tracing::warn!(server = %server.slug, error = %e, "refused to connect to an endpoint the policy no longer allows");
             return None;
@@ -75,20 +120,40 @@ impl Upstreams {
         ))
     }
 
-    /// The session of `account_id` with `server`, created (not yet initialized) on first
-    /// use with the `fixed` headers. `None` when the server has no endpoint it may use.
+    /// The session of `account_id` with `server`'s first endpoint; see
+    /// [`Upstreams::session_at`].
     pub fn session(
         &self,
         account_id: &str,
         server: &Server,
         fixed: &HeaderMap,
     ) -> Option<Arc<UpstreamSession>> {
-        let key = (account_id.to_owned(), server.id.clone());
+        self.session_at(account_id, server, 0, fixed)
+    }
+
+    /// The session of `account_id` with `server`'s endpoint at `position`, created (not
+    /// yet initialized) on first use with the `fixed` headers. `None` when the server has
+    /// no such endpoint it may use.
+    pub fn session_at(
+        &self,
+        account_id: &str,
+        server: &Server,
+        position: usize,
+        fixed: &HeaderMap,
+    ) -> Option<Arc<UpstreamSession>> {
+        let key = (account_id.to_owned(), server.id.clone(), position);
         if let Some(s) = self.sessions.get(&key) {
             return Some(s.clone());
         }
-        let session = Arc::new(self.detached_session(server, fixed)?);
+        let session = Arc::new(self.endpoint_session(server, position, fixed)?);
         Some(self.sessions.entry(key).or_insert(session).clone())
+    }
+
+    /// Drops the session of `account_id` with `server`'s endpoint at `position` (after
+    /// a transport failure, so the next call starts afresh).
+    pub fn forget_session(&self, account_id: &str, server_id: &str, position: usize) {
+        self.sessions
+            .remove(&(account_id.to_owned(), server_id.to_owned(), position));
     }
 
     /// Number of open (account, server) sessions.

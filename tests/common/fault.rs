@@ -27,6 +27,18 @@ use tokio_util::sync::CancellationToken;
 pub const NORMAL: u8 = 0;
 /// Answer every `tools/call` POST with HTTP 500.
 pub const HTTP_500: u8 = 1;
+/// Delay every POST by `FaultState::delay_ms`, then serve it.
+pub const SLOW: u8 = 2;
+/// Answer every request with HTTP 500 (a dead server behind a live proxy).
+pub const DOWN: u8 = 3;
+/// Send the headers of a JSON answer, then break the connection.
+pub const DROP: u8 = 4;
+/// Answer every POST with HTTP 200 and a body that is not JSON.
+pub const GARBAGE: u8 = 5;
+/// Never answer a POST (until the server stops).
+pub const HANG: u8 = 6;
+/// Alternate per request: HTTP 500, then normal service, then HTTP 500, …
+pub const FLAP: u8 = 7;
 
 /// What a test can change or observe while the server runs.
 #[derive(Default)]
@@ -39,6 +51,37 @@ pub struct FaultState {
     pub required_header: RwLock<Option<(String, String)>>,
     /// The headers of every request, in order.
     pub seen: Mutex<Vec<http::HeaderMap>>,
+    /// The JSON-RPC method of every POST that reached MCP, in order (`?` when the body
+    /// is not a JSON-RPC message).
+    pub methods: Mutex<Vec<String>>,
+    /// The delay of [`SLOW`], ms.
+    pub delay_ms: std::sync::atomic::AtomicU64,
+    /// Offer a tool `broken_schema` whose `inputSchema` is not valid JSON Schema.
+    pub bad_schema: AtomicBool,
+    /// Requests seen in [`FLAP`] mode (odd ones fail).
+    pub flaps: std::sync::atomic::AtomicU64,
+}
+
+impl FaultState {
+    /// How many `tools/call` requests reached the server.
+    pub fn tool_calls(&self) -> usize {
+        self.methods
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| *m == "tools/call")
+            .count()
+    }
+
+    /// How many requests with JSON-RPC method `method` reached the server.
+    pub fn count(&self, method: &str) -> usize {
+        self.methods
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| *m == method)
+            .count()
+    }
 }
 
 #[derive(Clone)]
@@ -90,7 +133,20 @@ impl ServerHandler for Faulty {
                 "Answers with value as structured content and as JSON text.",
                 json!({"value": {"type": "object"}}),
             ),
+            serde_json::from_value(json!({
+                "name": "lookup", "description": "Answers with text (read-only, safe to retry).",
+                "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}},
+                "annotations": {"readOnlyHint": true},
+            }))
+            .expect("valid tool"),
         ];
+        if self.0.bad_schema.load(Ordering::SeqCst) {
+            tools.push(tool(
+                "broken_schema",
+                "Its input schema is not JSON Schema.",
+                json!({"x": {"type": 12}}),
+            ));
+        }
         if self.0.extra_tool.load(Ordering::SeqCst) {
             tools.push(tool(
                 "added_later",
@@ -120,7 +176,7 @@ impl ServerHandler for Faulty {
             "big" => {
                 CallToolResult::success(vec![ContentBlock::text("x".repeat(num("bytes") as usize))])
             }
-            "echo" => CallToolResult::success(vec![ContentBlock::text(
+            "echo" | "lookup" => CallToolResult::success(vec![ContentBlock::text(
                 args.get("text").and_then(|v| v.as_str()).unwrap_or(""),
             )]),
             "json" => {
@@ -164,6 +220,8 @@ impl FaultServer {
         );
         let m = mode.clone();
         let st = state.clone();
+        let sec = secret.clone();
+        let hang = ct.clone();
         let router =
             axum::Router::new()
                 .route_service("/mcp", service)
@@ -171,6 +229,8 @@ impl FaultServer {
                     move |req: Request, next: Next| {
                         let m = m.clone();
                         let st = st.clone();
+                        let sec = sec.clone();
+                        let hang = hang.clone();
                         async move {
                             st.seen.lock().unwrap().push(req.headers().clone());
                             let required = st.required_header.read().unwrap().clone();
@@ -184,21 +244,84 @@ impl FaultServer {
                                 return (http::StatusCode::UNAUTHORIZED, "credential required")
                                     .into_response();
                             }
-                            if m.load(Ordering::Relaxed) == HTTP_500
-                                && req.method() == http::Method::POST
+                            let secret = sec.read().unwrap().clone();
+                            if let Some(secret) = secret
+                                && req
+                                    .headers()
+                                    .get("x-mcp-marketplace-secret")
+                                    .and_then(|v| v.to_str().ok())
+                                    != Some(secret.as_str())
                             {
-                                let (parts, body) = req.into_parts();
-                                let bytes = axum::body::to_bytes(body, 1 << 20)
-                                    .await
-                                    .unwrap_or_default();
-                                if String::from_utf8_lossy(&bytes).contains("tools/call") {
+                                return (http::StatusCode::UNAUTHORIZED, "secret required")
+                                    .into_response();
+                            }
+                            let mode = m.load(Ordering::Relaxed);
+                            if req.method() != http::Method::POST {
+                                if mode == DOWN {
+                                    return (http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+                                        .into_response();
+                                }
+                                return next.run(req).await;
+                            }
+                            let (parts, body) = req.into_parts();
+                            let bytes = axum::body::to_bytes(body, 1 << 20)
+                                .await
+                                .unwrap_or_default();
+                            let method = serde_json::from_slice::<serde_json::Value>(&bytes)
+                                .ok()
+                                .and_then(|v| {
+                                    v.get("method").and_then(|m| m.as_str()).map(str::to_owned)
+                                })
+                                .unwrap_or_else(|| "?".into());
+                            let flap_fail =
+                                mode == FLAP && st.flaps.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+                            match mode {
+                                HTTP_500 if method == "tools/call" => {
+                                    st.methods.lock().unwrap().push(method);
                                     return (http::StatusCode::INTERNAL_SERVER_ERROR, "boom")
                                         .into_response();
                                 }
-                                return next
-                                    .run(Request::from_parts(parts, Body::from(bytes)))
-                                    .await;
+                                DOWN => {
+                                    return (http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+                                        .into_response();
+                                }
+                                _ if flap_fail => {
+                                    return (http::StatusCode::INTERNAL_SERVER_ERROR, "flap")
+                                        .into_response();
+                                }
+                                DROP => {
+                                    st.methods.lock().unwrap().push(method);
+                                    let broken = futures::stream::once(async {
+                                        Err::<bytes::Bytes, _>(std::io::Error::other("dropped"))
+                                    });
+                                    return Response::builder()
+                                        .status(200)
+                                        .header("content-type", "application/json")
+                                        .body(Body::from_stream(broken))
+                                        .expect("a response");
+                                }
+                                GARBAGE => {
+                                    st.methods.lock().unwrap().push(method);
+                                    return Response::builder()
+                                        .status(200)
+                                        .header("content-type", "application/json")
+                                        .body(Body::from("}{ this is not JSON"))
+                                        .expect("a response");
+                                }
+                                HANG => {
+                                    st.methods.lock().unwrap().push(method);
+                                    hang.cancelled().await;
+                                    return (http::StatusCode::SERVICE_UNAVAILABLE, "stopping")
+                                        .into_response();
+                                }
+                                SLOW => {
+                                    let ms = st.delay_ms.load(Ordering::Relaxed);
+                                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                                }
+                                _ => {}
                             }
+                            st.methods.lock().unwrap().push(method);
+                            let req = Request::from_parts(parts, Body::from(bytes));
                             let r: Response = next.run(req).await;
                             r
                         }

@@ -1,0 +1,338 @@
+//! The reliability layer (issue 4) against real rmcp upstreams and the fault-injecting
+//! upstream (`common::fault`), on SQLite and (with `TEST_DATABASE_URL`) PostgreSQL:
+//! probes and their stored history, the status machine, circuit breakers, failover and
+//! safe retries, cancellation.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::fault::{self, FaultServer};
+use common::{Backend, Market, World, args, backends, error_kind, receipt_of, wait_until};
+use mcp_marketplace::catalog::ServerStatus;
+use mcp_marketplace::upstream::health::{self, INACTIVE_AFTER_FAILURES};
+use mcp_marketplace::upstream::probe::{Grade, ProbeKind, probe_server};
+use rmcp::model::CallToolRequestParams;
+use serde_json::json;
+use sqlx::Row;
+
+async fn count(market: &Market, sql: &str, bind: &str) -> i64 {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .bind(bind.to_owned())
+        .fetch_one(market.app.store.pool())
+        .await
+        .expect("count query")
+        .try_get::<i64, _>(0)
+        .expect("a count")
+}
+
+async fn status(market: &Market, slug: &str) -> ServerStatus {
+    market.app.catalog.get(slug).await.expect("server").status
+}
+
+async fn probe(market: &Market, slug: &str) -> mcp_marketplace::upstream::probe::ProbeReport {
+    let server = market.app.catalog.get(slug).await.expect("server");
+    probe_server(&market.app, &server, ProbeKind::Manual)
+        .await
+        .expect("probe runs")
+}
+
+#[tokio::test]
+async fn a_healthy_rmcp_upstream_passes_every_check_and_the_result_is_stored() {
+    for backend in backends() {
+        let w = World::start(backend, 0).await;
+        let report = probe(&w.market, "units").await;
+        assert!(report.ok, "{report:#?}");
+        assert!(report.reachable);
+        assert!(report.grade <= Grade::D, "{report:#?}");
+        let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "initialize",
+                "tools_list",
+                "malformed_json",
+                "unknown_method",
+                "secret_required"
+            ]
+        );
+        let server = w.market.app.catalog.get("units").await.unwrap();
+        let row = sqlx::query(
+            "SELECT kind, grade, ok, checks, latency_ms FROM probe_results WHERE server_id = $1",
+        )
+        .bind(server.id.clone())
+        .fetch_one(w.market.app.store.pool())
+        .await
+        .unwrap();
+        assert_eq!(row.try_get::<String, _>(0).unwrap(), "manual");
+        assert_eq!(row.try_get::<String, _>(1).unwrap(), report.grade.as_str());
+        assert_eq!(row.try_get::<i64, _>(2).unwrap(), 1);
+        let checks: serde_json::Value =
+            serde_json::from_str(&row.try_get::<String, _>(3).unwrap()).unwrap();
+        assert_eq!(checks.as_array().unwrap().len(), 5);
+        assert!(row.try_get::<Option<i64>, _>(4).unwrap().is_some());
+        // A healthy active server stays active.
+        assert_eq!(status(&w.market, "units").await, ServerStatus::Active);
+        w.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn the_probe_catches_each_fault() {
+    for backend in backends() {
+        let (market, fault, _, _) = common::faulty_world(backend).await;
+        let failed = |r: &mcp_marketplace::upstream::probe::ProbeReport| -> Vec<String> {
+            r.checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| c.name.clone())
+                .collect()
+        };
+        let ok = probe(&market, "faulty").await;
+        assert!(ok.ok, "{ok:#?}");
+
+        fault.state.bad_schema.store(true, Ordering::SeqCst);
+        let r = probe(&market, "faulty").await;
+        assert_eq!(failed(&r), ["tools_list"], "{r:#?}");
+        assert!(
+            r.checks[1].detail.contains("broken_schema"),
+            "{:?}",
+            r.checks[1]
+        );
+        fault.state.bad_schema.store(false, Ordering::SeqCst);
+
+        // An upstream that does not check the secret fails that check only.
+        let secret = fault.secret.write().unwrap().take();
+        let r = probe(&market, "faulty").await;
+        assert_eq!(failed(&r), ["secret_required"], "{r:#?}");
+        *fault.secret.write().unwrap() = secret;
+
+        for mode in [fault::GARBAGE, fault::DOWN, fault::DROP] {
+            fault.set_mode(mode);
+            let r = probe(&market, "faulty").await;
+            assert!(!r.ok && !r.reachable, "mode {mode}: {r:#?}");
+            assert_eq!(r.grade, Grade::F);
+            assert_eq!(r.latency_ms, None);
+            assert!(!r.checks[0].ok, "initialize fails in mode {mode}");
+        }
+        fault.set_mode(fault::NORMAL);
+        let r = probe(&market, "faulty").await;
+        assert!(r.ok, "{r:#?}");
+        // Nothing in the report leaks the endpoint or the secret.
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(!text.contains(&fault.addr));
+
+        let server = market.app.catalog.get("faulty").await.unwrap();
+        assert_eq!(
+            count(
+                &market,
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM probe_results WHERE server_id = $1",
+                &server.id
+            )
+            .await,
+            7
+        );
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
+#[derive(Clone, Default)]
+struct Counting(Arc<AtomicUsize>);
+
+impl rmcp::ClientHandler for Counting {
+    async fn on_tool_list_changed(
+        &self,
+        _ctx: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn counting_client(
+    market: &Market,
+    key: &str,
+) -> (
+    Counting,
+    rmcp::service::RunningService<rmcp::RoleClient, Counting>,
+) {
+    let counting = Counting::default();
+    mcp_marketplace::install_crypto_provider();
+    let transport = rmcp::transport::StreamableHttpClientTransport::from_config(
+        rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(
+            market.mcp_url(),
+        )
+        .auth_header(key.to_owned()),
+    );
+    let client = rmcp::ServiceExt::serve(counting.clone(), transport)
+        .await
+        .expect("client connects");
+    (counting, client)
+}
+
+async fn tool_names<S: rmcp::Service<rmcp::RoleClient>>(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, S>,
+) -> Vec<String> {
+    client
+        .list_all_tools()
+        .await
+        .expect("tools/list")
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_status_machine_moves_as_documented_with_events_alerts_and_list_changed() {
+    use ServerStatus as S;
+    for backend in backends() {
+        let (market, fault, _user, key) = common::faulty_world(backend).await;
+        let server = market.app.catalog.get("faulty").await.unwrap();
+        let (counting, client) = counting_client(&market, &key).await;
+        assert!(
+            tool_names(&client)
+                .await
+                .contains(&"faulty__add".to_owned())
+        );
+
+        // A dead upstream: degraded at once, inactive after 3 failed probes in a row.
+        fault.set_mode(fault::DOWN);
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Degraded);
+        for _ in 1..INACTIVE_AFTER_FAILURES - 1 {
+            probe(&market, "faulty").await;
+            assert_eq!(status(&market, "faulty").await, S::Degraded);
+        }
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Inactive);
+        // Hidden, announced, not callable and not charged.
+        wait_until(|| async { counting.0.load(Ordering::SeqCst) >= 1 }).await;
+        assert!(
+            !tool_names(&client)
+                .await
+                .iter()
+                .any(|t| t.starts_with("faulty__"))
+        );
+        let before = common::snapshot(&market).await;
+        let r = client
+            .call_tool(
+                CallToolRequestParams::new("faulty__add")
+                    .with_arguments(args(json!({"a": 1, "b": 2}))),
+            )
+            .await;
+        match r {
+            Ok(r) => assert_eq!(error_kind(&r).as_deref(), Some("upstream_unavailable")),
+            Err(e) => assert!(e.to_string().contains("Unknown tool"), "{e}"),
+        }
+        assert_eq!(common::snapshot(&market).await, before, "nothing charged");
+
+        // Back: recovered after 2 answered probes (visible again), active after 3 passes.
+        fault.set_mode(fault::NORMAL);
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Inactive, "hysteresis");
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Recovered);
+        wait_until(|| async { counting.0.load(Ordering::SeqCst) >= 2 }).await;
+        assert!(
+            tool_names(&client)
+                .await
+                .contains(&"faulty__add".to_owned())
+        );
+        probe(&market, "faulty").await;
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Recovered, "probation");
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Active);
+
+        // A slow-but-answering server degrades, two passes restore it.
+        fault.state.bad_schema.store(true, Ordering::SeqCst);
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Degraded);
+        fault.state.bad_schema.store(false, Ordering::SeqCst);
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Degraded, "hysteresis");
+        probe(&market, "faulty").await;
+        assert_eq!(status(&market, "faulty").await, S::Active);
+
+        let events = health::status_events(&market.app, &server.id)
+            .await
+            .unwrap();
+        let moves: Vec<(String, String)> = events
+            .iter()
+            .filter(|e| e.source == "probe")
+            .map(|e| (e.from.clone(), e.to.clone()))
+            .collect();
+        let expected = [
+            ("active", "degraded"),
+            ("degraded", "inactive"),
+            ("inactive", "recovered"),
+            ("recovered", "active"),
+            ("active", "degraded"),
+            ("degraded", "active"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()));
+        assert_eq!(moves, expected);
+        // One alert per transition, to the owner, in the outbox.
+        let alerts = sqlx::query(
+            "SELECT payload FROM alert_outbox WHERE account_id = $1 AND kind = 'server.status_changed' \
+             ORDER BY created_at, id",
+        )
+        .bind(server.owner_account_id.clone())
+        .fetch_all(market.app.store.pool())
+        .await
+        .unwrap();
+        let alert_moves: Vec<(String, String)> = alerts
+            .iter()
+            .map(|r| {
+                let p: serde_json::Value =
+                    serde_json::from_str(&r.try_get::<String, _>(0).unwrap()).unwrap();
+                assert_eq!(p["slug"], "faulty");
+                (
+                    p["from"].as_str().unwrap().to_owned(),
+                    p["to"].as_str().unwrap().to_owned(),
+                )
+            })
+            .filter(|m| {
+                events
+                    .iter()
+                    .any(|e| e.source == "probe" && (e.from.clone(), e.to.clone()) == *m)
+            })
+            .collect();
+        assert_eq!(alert_moves, expected);
+
+        client.cancel().await.ok();
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn the_scheduler_probes_on_its_interval_and_stops_on_shutdown() {
+    let market = Market::start_with(common::TestDb::new(Backend::Sqlite).await, |c| {
+        c.reliability.probe_interval = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let (market, fault, _, _) = common::with_faulty(market).await;
+    let server = market.app.catalog.get("faulty").await.unwrap();
+    wait_until(|| async {
+        count(
+            &market,
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM probe_results WHERE server_id = $1 AND kind = 'scheduled'",
+            &server.id,
+        )
+        .await
+            >= 2
+    })
+    .await;
+    market.stop().await;
+    fault.stop().await;
+}
+
+/// Keeps the compiler quiet about helpers only some tests use.
+#[allow(dead_code)]
+fn _unused(_: FaultServer) {
+    let _ = receipt_of;
+}
