@@ -1,6 +1,6 @@
 //! The composition root: [`App`] holds every domain service, serves the HTTP router
 //! ([`App::serve`]) and runs the background tasks (hold sweep and plan renewals, tool-list
-//! TTL refresh and list-changed watches, idle upstream session reaper), all children of
+//! TTL refresh and list-changed watches, idle upstream session reaper, alert delivery), all children of
 //! one cancellation token and awaited on shutdown.
 
 use std::sync::Arc;
@@ -75,6 +75,9 @@ pub enum AppError {
     /// A trust policy.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// Alert channels or delivery.
+    #[error(transparent)]
+    Alert(#[from] crate::alerts::AlertError),
     /// A socket or file error.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -111,6 +114,8 @@ pub struct App {
     pub breakers: crate::upstream::breaker::Breakers,
     /// Live-call failure streaks feeding the status machine (issue 4).
     pub call_health: crate::upstream::health::CallHealth,
+    /// The alert outbox's delivery worker (run as a background task).
+    pub alerts: crate::alerts::worker::Worker,
     account_limits: std::sync::RwLock<Option<Arc<dyn AccountLimitSource>>>,
     refresh_tx: mpsc::UnboundedSender<String>,
     refresh_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
@@ -162,7 +167,14 @@ impl App {
             );
         }
         let (refresh_tx, refresh_rx) = mpsc::unbounded_channel();
+        let alerts = crate::alerts::worker::Worker::new(
+            store.clone(),
+            vault.clone(),
+            policy.clone(),
+            config.alerts.clone(),
+        )?;
         Ok(Arc::new(Self {
+            alerts,
             upstreams: Upstreams::new(
                 config.max_response_bytes,
                 config.session_idle.as_millis() as i64,
@@ -583,6 +595,10 @@ impl App {
 
     fn spawn_background(self: &Arc<Self>) {
         let token = self.shutdown.clone();
+        // The alert outbox's delivery worker.
+        let worker = self.alerts.clone();
+        let t = token.clone();
+        self.tasks.spawn(async move { worker.run(t).await });
         // The hold sweep.
         let app = self.clone();
         let t = token.clone();

@@ -99,6 +99,9 @@ pub struct FileConfig {
     pub probes: ProbesFile,
     /// How long a shutdown lets calls in flight finish, e.g. `30s`.
     pub shutdown_grace: Option<String>,
+    /// `[alerts]` and `[alerts.smtp]`.
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsFile,
 }
 
 /// The `[probes]` section.
@@ -266,6 +269,8 @@ pub struct Config {
     pub billing: BillingConfig,
     /// Probes, breakers, shutdown grace (issue 4).
     pub reliability: crate::upstream::ReliabilityConfig,
+    /// Alert delivery: polling, retries, SMTP.
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 impl Default for Config {
@@ -288,6 +293,7 @@ impl Default for Config {
             lookup: None,
             billing: BillingConfig::default(),
             reliability: crate::upstream::ReliabilityConfig::default(),
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -415,6 +421,8 @@ impl Config {
             lookup: None,
             billing,
             reliability,
+            alerts: crate::alerts::AlertsConfig::from_file(&file.alerts)
+                .map_err(|e| ConfigError::Invalid("alerts", e.to_string()))?,
         })
     }
 }

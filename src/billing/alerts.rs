@@ -5,9 +5,10 @@
 //! raised again until a credit from outside (a top-up, a grant, included credits) lifts
 //! the wallet back to the threshold: a balance hovering around it alerts once.
 //!
-//! Delivery is not done here: the alert outbox (reliability layer) takes
-//! [`pending`] alerts, sends [`LowBalanceAlert::webhook_payload`] to the account's
-//! webhook, and calls [`mark_handed_off`].
+//! Delivery is not done here: [`relay_to_outbox`] (run by the alert worker,
+//! [`crate::alerts::worker`]) moves [`pending`] alerts into the transactional alert
+//! outbox as `balance.low` events, marking each handed off in the same transaction, so
+//! each crossing is delivered once whatever crashes or how many replicas relay.
 
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -15,7 +16,8 @@ use sqlx::Row;
 use super::ledger::BillingError;
 use super::period::rfc3339;
 use super::pricing::format_usd;
-use crate::store::Store;
+use crate::alerts::{self as outbox, AlertEvent};
+use crate::store::{Store, StoreError, now_ms};
 
 /// One recorded crossing of an account's low-balance threshold.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -103,6 +105,44 @@ pub async fn mark_handed_off(store: &Store, id: &str, at_ms: i64) -> Result<bool
     .await?
     .rows_affected()
         == 1)
+}
+
+/// Moves up to `limit` [`pending`] alerts into the alert outbox: for each, one
+/// transaction marks it handed off (guarded, so a second relay on another replica skips
+/// it) and enqueues a [`AlertEvent::LowBalance`] for its account. Returns how many were
+/// moved.
+///
+/// # Errors
+/// [`BillingError::Store`]; alerts moved before the failure stay moved.
+pub async fn relay_to_outbox(store: &Store, limit: usize) -> Result<usize, BillingError> {
+    let mut moved = 0;
+    for alert in pending(store, limit).await? {
+        let mut tx = store.begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE balance_alerts SET handed_off_at = $1 WHERE id = $2 AND handed_off_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(&alert.id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed != 1 {
+            continue;
+        }
+        outbox::enqueue(
+            &mut tx,
+            &alert.account_id,
+            &AlertEvent::LowBalance {
+                account: alert.account.clone(),
+                threshold_micros: alert.threshold_micros,
+                balance_micros: alert.balance_micros,
+            },
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 /// The account's alerts, newest first, at most `limit`.

