@@ -26,7 +26,9 @@ use crate::config::{Config, Overrides};
 use crate::security::audit::{self, Actor};
 use crate::store::Store;
 
+mod alerts;
 mod trust;
+pub use alerts::{AlertsCommand, EmailArgs, WebhookArgs};
 pub use trust::{AuditArgs, CredentialsCommand, PolicyCommand, PolicySubject, Remote};
 
 /// One MCP URL for every paid MCP server.
@@ -85,6 +87,9 @@ pub enum Command {
     /// Plans, usage, invoices, month close, payouts, alerts.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// Alerts: an account's outbox, a creator's weekly digest.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
 }
 
 /// Flags of `serve` and `demo`.
@@ -109,6 +114,10 @@ pub enum AccountsCommand {
         /// Its unique name.
         name: String,
     },
+    /// Set (or clear) where the account's alerts are POSTed; prints the signing secret once.
+    Webhook(WebhookArgs),
+    /// Set (or clear) the address the account's alerts are e-mailed to.
+    AlertEmail(EmailArgs),
 }
 
 /// `keys …`
@@ -488,6 +497,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             });
             Ok(ExitCode::SUCCESS)
         }
+        Command::Accounts(AccountsCommand::Webhook(args)) => {
+            alerts::webhook(&*app(&cli).await?, args, j).await
+        }
+        Command::Accounts(AccountsCommand::AlertEmail(args)) => {
+            alerts::email(&*app(&cli).await?, args, j).await
+        }
+        Command::Alerts(cmd) => alerts::alerts(&*app(&cli).await?, cmd, j).await,
         Command::Keys(cmd) => keys(&cli, cmd, j).await,
         Command::Credits(CreditsCommand::Grant { account, amount }) => {
             let micros =

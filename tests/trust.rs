@@ -107,28 +107,19 @@ async fn changed_and_new_tools_are_held_back_until_re_approved() {
         let tools: Vec<&str> = pending.iter().map(|c| c.tool.as_str()).collect();
         assert_eq!(tools, vec!["add", "added_later"]);
         assert!(pending[0].old_hash.is_some() && pending[1].old_hash.is_none());
-        let unalerted = market.app.catalog.unalerted_tool_changes().await.unwrap();
-        assert_eq!(unalerted.len(), 2);
-        assert!(
-            market
-                .app
-                .catalog
-                .mark_tool_change_alerted(&unalerted[0].id)
-                .await
-                .unwrap()
-        );
-        assert_eq!(
-            market
-                .app
-                .catalog
-                .unalerted_tool_changes()
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-        // Re-reading the same lists changes nothing more.
+        // The creator's alerts were enqueued with the changes (the alert outbox), one
+        // per change, naming the change.
+        let alerts = tool_alerts(&market).await;
+        assert_eq!(alerts.len(), 2, "{alerts:?}");
+        assert_eq!(alerts[0]["tool"], "add");
+        assert_eq!(alerts[0]["change"], "changed");
+        assert_eq!(alerts[0]["change_id"], pending[0].id.as_str());
+        assert_eq!(alerts[1]["tool"], "added_later");
+        assert_eq!(alerts[1]["change"], "added");
+        assert!(pending.iter().all(|c| c.alerted_at.is_some()));
+        // Re-reading the same lists changes nothing more, and alerts nobody again.
         assert!(!market.app.refresh_tools(&server.id).await.unwrap());
+        assert_eq!(tool_alerts(&market).await.len(), 2);
         // Re-approval of one tool, then of the rest.
         let actor = mcp_marketplace::security::audit::Actor::Cli("admin".into());
         let approved = market
@@ -578,4 +569,16 @@ async fn every_rest_route_and_marketplace_tool_checks_its_scope() {
     }
     market.stop().await;
     fault.stop().await;
+}
+
+/// The `tool.changed` payloads in the alert outbox, oldest first.
+async fn tool_alerts(market: &common::Market) -> Vec<serde_json::Value> {
+    use sqlx::Row;
+    sqlx::query("SELECT payload FROM alert_outbox WHERE kind = 'tool.changed' ORDER BY id")
+        .fetch_all(market.app.store.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| serde_json::from_str(&r.get::<String, _>(0)).unwrap())
+        .collect()
 }

@@ -7,6 +7,8 @@
 //! handler runs (a route missing from the table is refused). Handlers then only check
 //! ownership of the server they touch ([`owned_server`]).
 
+mod alerts;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -106,6 +108,10 @@ pub const ROUTES: &[Route] = &[
     route(Method::GET, "/api/v1/audit", Access::Scope(Scope::Admin)),
     route(Method::GET, "/api/v1/usage", Access::AnyKey),
     route(Method::GET, "/api/v1/invoices/{month}", Access::AnyKey),
+    route(Method::GET, "/api/v1/account/alerts", Access::AnyKey),
+    route(Method::PUT, "/api/v1/account/webhook", Access::AnyKey),
+    route(Method::DELETE, "/api/v1/account/webhook", Access::AnyKey),
+    route(Method::PUT, "/api/v1/account/alert-email", Access::AnyKey),
 ];
 
 /// An API error: HTTP status, kind and a message without internals.
@@ -272,6 +278,15 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
         .route("/api/v1/audit", get(read_audit))
         .route("/api/v1/usage", get(usage))
         .route("/api/v1/invoices/{month}", get(invoice))
+        .route("/api/v1/account/alerts", get(alerts::list))
+        .route(
+            "/api/v1/account/webhook",
+            axum::routing::put(alerts::set_webhook).delete(alerts::clear_webhook),
+        )
+        .route(
+            "/api/v1/account/alert-email",
+            axum::routing::put(alerts::set_email),
+        )
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
         // Stripe authenticates with its signature, not an API key.
         .route("/api/v1/webhooks/stripe", post(stripe_webhook))

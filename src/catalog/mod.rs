@@ -681,8 +681,9 @@ impl Catalog {
     /// tool whose [`tool_hash`] is not the approved one (a changed or a new tool) is
     /// stored but held back from `tools/list` and calls, and the change is recorded in
     /// `tool_changes` (one pending change per tool; a tool that changes back resolves
-    /// it as `reverted`). [`Catalog::unalerted_tool_changes`] lists what the creator
-    /// was not yet told.
+    /// it as `reverted`). Each new or re-changed pending change enqueues a
+    /// `tool.changed` alert for the server's owner in the same transaction
+    /// ([`crate::alerts`]).
     ///
     /// # Errors
     /// [`CatalogError::Store`].

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use super::{Catalog, CatalogError};
+use crate::alerts::AlertEvent;
 use crate::store::{StoreError, Tx, now_ms};
 
 /// The fields of a tool definition that are hashed.
@@ -69,7 +70,7 @@ pub struct ToolChange {
     pub detected_at: i64,
     /// `pending`, `approved` or `reverted`.
     pub state: String,
-    /// When the creator was alerted, epoch ms.
+    /// When the creator alert was enqueued (the alert outbox), epoch ms.
     pub alerted_at: Option<i64>,
 }
 
@@ -138,7 +139,11 @@ pub(crate) async fn replace_pinned(
     Ok(visible_before != visible_after)
 }
 
-/// Opens, updates or resolves the pending change of every tool of `server_id`.
+/// Opens, updates or resolves the pending change of every tool of `server_id`. Each
+/// opened change, and each change of a tool that changed again while pending, enqueues
+/// a [`AlertEvent::ToolChanged`] for the server's owner in this same transaction (the
+/// alert outbox), and sets `alerted_at`; a server still in `pending_review` alerts
+/// nobody (its first tool list is reviewed at approval).
 async fn record_changes(
     tx: &mut Tx,
     server_id: &str,
@@ -146,15 +151,25 @@ async fn record_changes(
     pins: &std::collections::HashMap<String, String>,
 ) -> Result<(), CatalogError> {
     let now = now_ms();
-    let pending: std::collections::HashMap<String, String> = sqlx::query(
-        "SELECT tool, new_hash FROM tool_changes WHERE server_id = $1 AND state = 'pending'",
+    let pending: std::collections::HashMap<String, (String, String)> = sqlx::query(
+        "SELECT tool, new_hash, id FROM tool_changes WHERE server_id = $1 AND state = 'pending'",
     )
     .bind(server_id)
     .fetch_all(&mut **tx)
     .await?
     .into_iter()
-    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
     .collect::<Result<_, sqlx::Error>>()?;
+    let server = sqlx::query("SELECT owner_account_id, slug, status FROM servers WHERE id = $1")
+        .bind(server_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let owner = match server {
+        Some(r) if r.try_get::<String, _>(2)? != "pending_review" => {
+            Some((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?))
+        }
+        _ => None,
+    };
     for t in fresh {
         let pin = pins.get(&t.name);
         let is_approved = pin.is_some_and(|h| *h == t.hash);
@@ -164,9 +179,9 @@ async fn record_changes(
             // Changed back to the approved definition.
             (true, Some(_)) => resolve(tx, server_id, &t.name, "reverted", now).await?,
             // Still the same pending change.
-            (false, Some(h)) if *h == t.hash => {}
+            (false, Some((h, _))) if *h == t.hash => {}
             // Changed again while pending: the creator is alerted anew.
-            (false, Some(_)) => {
+            (false, Some((_, id))) => {
                 sqlx::query(
                     "UPDATE tool_changes SET new_hash = $1, detected_at = $2, alerted_at = NULL \
                      WHERE server_id = $3 AND tool = $4 AND state = 'pending'",
@@ -178,13 +193,15 @@ async fn record_changes(
                 .execute(&mut **tx)
                 .await?;
                 tracing::warn!(server_id, tool = %t.name, "held-back tool changed again");
+                alert(tx, owner.as_ref(), id, &t.name, pin.is_some(), now).await?;
             }
             (false, None) => {
+                let id = uuid::Uuid::now_v7().to_string();
                 sqlx::query(
                     "INSERT INTO tool_changes (id, server_id, tool, old_hash, new_hash, detected_at, state) \
                      VALUES ($1, $2, $3, $4, $5, $6, 'pending')",
                 )
-                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(&id)
                 .bind(server_id)
                 .bind(&t.name)
                 .bind(pin)
@@ -195,6 +212,7 @@ async fn record_changes(
                 if pin.is_some() {
                     tracing::warn!(server_id, tool = %t.name, "upstream changed a tool; held back until re-approved");
                 }
+                alert(tx, owner.as_ref(), &id, &t.name, pin.is_some(), now).await?;
             }
         }
     }
@@ -205,6 +223,34 @@ async fn record_changes(
     {
         resolve(tx, server_id, tool, "reverted", now).await?;
     }
+    Ok(())
+}
+
+/// Enqueues the creator alert of change `change_id` (when the server has an owner to
+/// tell) and marks the change alerted.
+async fn alert(
+    tx: &mut Tx,
+    owner: Option<&(String, String)>,
+    change_id: &str,
+    tool: &str,
+    was_pinned: bool,
+    now: i64,
+) -> Result<(), CatalogError> {
+    let Some((owner, slug)) = owner else {
+        return Ok(());
+    };
+    let event = AlertEvent::ToolChanged {
+        slug: slug.clone(),
+        tool: tool.to_owned(),
+        change: if was_pinned { "changed" } else { "added" }.to_owned(),
+        change_id: change_id.to_owned(),
+    };
+    crate::alerts::enqueue(tx, owner, &event).await?;
+    sqlx::query("UPDATE tool_changes SET alerted_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(change_id)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -317,41 +363,6 @@ impl Catalog {
         .into_iter()
         .map(change)
         .collect::<Result<_, _>>()?)
-    }
-
-    /// Pending changes whose creator was not alerted yet, oldest first: the work list
-    /// of the creator alert (the reliability layer's outbox). Mark each one sent with
-    /// [`Catalog::mark_tool_change_alerted`]; a change that changes again is listed
-    /// again.
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn unalerted_tool_changes(&self) -> Result<Vec<ToolChange>, CatalogError> {
-        Ok(sqlx::query(select_changes!(
-            "WHERE c.state = 'pending' AND c.alerted_at IS NULL ORDER BY c.detected_at, c.id"
-        ))
-        .fetch_all(self.store.pool())
-        .await?
-        .into_iter()
-        .map(change)
-        .collect::<Result<_, _>>()?)
-    }
-
-    /// Marks the change `id` as alerted. Returns false when it is unknown or no longer
-    /// pending.
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn mark_tool_change_alerted(&self, id: &str) -> Result<bool, CatalogError> {
-        Ok(sqlx::query(
-            "UPDATE tool_changes SET alerted_at = $1 WHERE id = $2 AND state = 'pending'",
-        )
-        .bind(now_ms())
-        .bind(id)
-        .execute(self.store.pool())
-        .await?
-        .rows_affected()
-            == 1)
     }
 
     /// The cached definition of a held-back tool (for review before approval).
