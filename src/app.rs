@@ -141,6 +141,7 @@ impl App {
     /// # Errors
     /// As [`App::new`].
     pub async fn with_store(config: Config, store: Store) -> Result<Arc<Self>, AppError> {
+        crate::telemetry::install();
         let vault = Vault::load(&config.master_key)?;
         vault.check(&store).await?;
         let signer = Signer::load_or_create(&store).await?;

@@ -9,7 +9,7 @@
 //!
 //! | module | job |
 //! | --- | --- |
-//! | [`alerts`] | the transactional alert outbox: server status changes, tool changes, incidents, low balances, digests |
+//! | [`alerts`] | the transactional alert outbox and its delivery (signed webhooks, SMTP, retries): server status changes, tool changes, incidents, low balances, weekly digests |
 //! | [`gateway`] | the downstream MCP server: `/mcp` and `/servers/{slug}/mcp`, tool listing, the call path ([`gateway::call`]) |
 //! | [`upstream`] | upstream MCP sessions per (account, server), forwarding, tool-list fetches |
 //! | [`billing`] | prices in micros, the two-phase ledger, plans and quotas, the usage log, invoices, payouts, Stripe top-ups, low-balance alerts, signed receipts |
@@ -19,6 +19,7 @@
 //! | [`store`] | the sqlx pool (SQLite or PostgreSQL), migrations, transactions |
 //! | [`api`] | the REST API (`/api/v1/…`) |
 //! | [`config`] | flags, TOML file and `MCP_MARKETPLACE_*` variables |
+//! | [`telemetry`] | Prometheus `/metrics` (one recorder per process) and the metric names |
 //! | [`app`] | the composition root: services, router, background tasks, shutdown |
 //! | [`cli`] | the `mcp-marketplace` command line |
 //! | [`demo`] | `mcp-marketplace demo` and the example upstream servers of `examples/` |
@@ -37,6 +38,7 @@ pub mod demo;
 pub mod gateway;
 pub mod security;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;
 
 /// Installs rustls' ring crypto provider for this process (idempotent). Every HTTP

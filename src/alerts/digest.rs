@@ -297,16 +297,17 @@ pub async fn enqueue_digest(
     }
 }
 
-/// Enqueues `week`'s digest for every creator (account owning a server) that has none
-/// yet. Returns how many were enqueued.
+/// Enqueues `week`'s digest for every creator (account owning a server registered
+/// before the week ended) that has none yet. Returns how many were enqueued.
 ///
 /// # Errors
 /// As [`compute`]; digests enqueued before the failure stay enqueued.
 pub async fn enqueue_weekly_digests(store: &Store, week: &Week) -> Result<usize, AlertError> {
     let creators: Vec<String> = sqlx::query(
-        "SELECT DISTINCT s.owner_account_id FROM servers s WHERE NOT EXISTS \
-         (SELECT 1 FROM weekly_digests d WHERE d.account_id = s.owner_account_id AND d.week = $1)",
+        "SELECT DISTINCT s.owner_account_id FROM servers s WHERE s.created_at < $1 AND NOT EXISTS \
+         (SELECT 1 FROM weekly_digests d WHERE d.account_id = s.owner_account_id AND d.week = $2)",
     )
+    .bind(week.end_ms)
     .bind(&week.label)
     .fetch_all(store.pool())
     .await?

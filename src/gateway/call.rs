@@ -128,6 +128,7 @@ pub async fn call_tool(
 
     // 5. Reserve.
     let call_id = uuid::Uuid::now_v7().to_string();
+    tracing::Span::current().record("call_id", call_id.as_str());
     let price = if server.owner_account_id == key.account_id {
         0
     } else {
@@ -300,6 +301,8 @@ pub async fn call_tool(
         }
     };
     tracing::info!(%call_id, server = %server.slug, tool = %tool.name, outcome = outcome.as_str(), latency_ms, "call");
+    let duration = Duration::from_millis(latency_ms.max(0) as u64);
+    crate::telemetry::record_call(&server.slug, &tool.name, failure.unwrap_or("ok"), duration);
 
     // 8. Receipt.
     let receipt = Receipt {

@@ -8,6 +8,7 @@ use rmcp::model::{
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
+use tracing::Instrument;
 
 use super::Caller;
 use crate::app::App;
@@ -120,7 +121,12 @@ impl ServerHandler for GatewayHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let caller = self.caller(&context)?;
-        let result = super::call::call_tool(&self.app, &caller, request, &context).await?;
+        // Everything logged during the call carries its call id (recorded by the call
+        // path once made; also sent upstream as X-Request-Id).
+        let span = tracing::info_span!("tools/call", tool = %request.name, call_id = tracing::field::Empty);
+        let result = super::call::call_tool(&self.app, &caller, request, &context)
+            .instrument(span)
+            .await?;
         Ok(result.into())
     }
 }

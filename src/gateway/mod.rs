@@ -76,6 +76,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(crate::api::router(app.clone()))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/.well-known/jwks.json", get(jwks))
         .with_state(app)
 }
@@ -108,6 +109,21 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             "database unreachable",
         )
             .into_response(),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format 0.0.4 (see [`crate::telemetry`]).
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    match crate::telemetry::render(&app).await {
+        Some(body) => (
+            [(
+                http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        None => (http::StatusCode::NOT_FOUND, "metrics are off").into_response(),
     }
 }
 
