@@ -494,3 +494,244 @@ async fn tool_changes_and_low_balances_reach_the_webhooks_set_over_rest() {
         fault.stop().await;
     }
 }
+
+fn bin(db: &str, argv: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mcp-marketplace"))
+        .args(argv)
+        .env("MCP_MARKETPLACE_DATABASE_URL", db)
+        .env("MCP_MARKETPLACE_LOG", "warn")
+        .env("MCP_MARKETPLACE_ALLOW_UPSTREAM_HOSTS", "127.0.0.1")
+        .env("MCP_MARKETPLACE_MASTER_KEY", common::TEST_MASTER_KEY)
+        .output()
+        .expect("the binary runs")
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+async fn insert_probe(store: &Store, server_id: &str, at: i64, ok: bool) {
+    sqlx::query(
+        "INSERT INTO probe_results (id, server_id, endpoint_position, kind, started_at, duration_ms, \
+         latency_ms, grade, ok, checks) VALUES ($1, $2, 0, 'scheduled', $3, 12, 10, $4, $5, '[]')",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(server_id)
+    .bind(at)
+    .bind(if ok { "A" } else { "F" })
+    .bind(i64::from(ok))
+    .execute(store.pool())
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_weekly_digest_equals_the_ledger_and_the_probe_history() {
+    use mcp_marketplace::alerts::digest::{Week, compute, enqueue_digest, enqueue_weekly_digests};
+    for backend in backends() {
+        let w = common::World::start(backend, 1_000_000).await;
+        let m = &w.market;
+        let store = &m.app.store;
+        let client = m.client(&w.key).await;
+        // 3 units calls and 2 notes calls succeed; 1 units call fails (refunded).
+        for _ in 0..3 {
+            let r = client
+                .call_tool(
+                    rmcp::model::CallToolRequestParams::new("units__convert").with_arguments(
+                        common::args(serde_json::json!({"value": 1.0, "from": "km", "to": "m"})),
+                    ),
+                )
+                .await
+                .unwrap();
+            assert_ne!(r.is_error, Some(true), "{r:?}");
+        }
+        for i in 0..2 {
+            let r = client
+                .call_tool(
+                    rmcp::model::CallToolRequestParams::new("notes__add_note").with_arguments(
+                        common::args(serde_json::json!({"title": format!("n{i}"), "body": "b"})),
+                    ),
+                )
+                .await
+                .unwrap();
+            assert_ne!(r.is_error, Some(true), "{r:?}");
+        }
+        let r = client
+            .call_tool(
+                rmcp::model::CallToolRequestParams::new("units__convert").with_arguments(
+                    common::args(
+                        serde_json::json!({"value": 1.0, "from": "km", "to": "parsec-of-nothing"}),
+                    ),
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.is_error, Some(true));
+        client.cancel().await.unwrap();
+
+        let now = mcp_marketplace::store::now_ms();
+        let week = Week::containing(now);
+        let units = m.app.catalog.get("units").await.unwrap();
+        // Probe history: 7 of 10 passed this week; older ones do not count.
+        for i in 0..10 {
+            insert_probe(store, &units.id, week.start_ms + i, i < 7).await;
+        }
+        insert_probe(store, &units.id, week.start_ms - 1, false).await;
+        // A status change and an incident reported to the creator, one to another account.
+        let mut tx = store.begin().await.unwrap();
+        for event in [
+            AlertEvent::ServerStatusChanged {
+                slug: "units".into(),
+                from: "active".into(),
+                to: "degraded".into(),
+                reason: "3 of the last 5 probes failed".into(),
+            },
+            AlertEvent::Incident {
+                slug: "units".into(),
+                summary: "the circuit opened".into(),
+            },
+        ] {
+            enqueue(&mut tx, &w.creator.id, &event).await.unwrap();
+        }
+        enqueue(
+            &mut tx,
+            &w.user.id,
+            &AlertEvent::Incident {
+                slug: "units".into(),
+                summary: "not the creator's".into(),
+            },
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        // One detected tool change (the first listings, approved with their servers,
+        // are not changes).
+        sqlx::query(
+            "INSERT INTO tool_changes (id, server_id, tool, old_hash, new_hash, detected_at, state, alerted_at) \
+             VALUES ($1, $2, 'convert', 'a', 'b', $3, 'pending', $3)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(&units.id)
+        .bind(now)
+        .execute(store.pool())
+        .await
+        .unwrap();
+
+        let d = compute(store, &w.creator.id, &week).await.unwrap();
+        // Figures from the ledger: the creator never had a payout, so all earnings are
+        // this week's settlements: 70 % of 3 × 0.02 + 2 × 0.01.
+        let earnings = m.balance(&w.creator).await.earnings_micros;
+        assert_eq!(d.earnings_micros, earnings);
+        assert_eq!(earnings, 3 * 14_000 + 2 * 7_000);
+        let settled: i64 = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger_transfers WHERE kind = 'settle'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(d.calls_served, settled);
+        assert_eq!(d.calls_served, 5);
+        let by_slug: BTreeMap<_, _> = d.servers.iter().map(|s| (s.slug.as_str(), s)).collect();
+        assert_eq!(by_slug["units"].calls_served, 3);
+        assert_eq!(by_slug["notes"].calls_served, 2);
+        assert_eq!(
+            (by_slug["units"].probes, by_slug["units"].probes_ok),
+            (10, 7)
+        );
+        assert_eq!(by_slug["units"].uptime_percent, Some(70.0));
+        assert_eq!(by_slug["notes"].uptime_percent, None);
+        assert_eq!(d.uptime_percent, Some(70.0));
+        assert_eq!(d.tool_changes, 1);
+        assert_eq!(d.incidents, 2);
+        assert_eq!(
+            d.incident_list[0].summary,
+            "server units: active → degraded"
+        );
+        // Once per creator per week, however often it is asked.
+        let first = enqueue_digest(store, &w.creator.id, &week).await.unwrap();
+        assert!(first.is_some());
+        assert_eq!(
+            enqueue_digest(store, &w.creator.id, &week).await.unwrap(),
+            None
+        );
+        assert_eq!(enqueue_weekly_digests(store, &week).await.unwrap(), 0);
+        let payloads: Vec<String> =
+            sqlx::query("SELECT payload FROM alert_outbox WHERE kind = 'digest.weekly'")
+                .fetch_all(store.pool())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect();
+        assert_eq!(payloads.len(), 1);
+        let p: serde_json::Value = serde_json::from_str(&payloads[0]).unwrap();
+        assert_eq!(p["digest"]["earnings_micros"], earnings);
+        assert_eq!(p["digest"]["week"], week.label.as_str());
+
+        // The CLI prints the same digest, and sets webhooks (secret shown once).
+        let url = m.db.url.clone();
+        let label = week.label.clone();
+        let (cli, hook, bad) = tokio::task::spawn_blocking(move || {
+            (
+                json_of(&bin(
+                    &url,
+                    &[
+                        "alerts",
+                        "digest",
+                        "--account",
+                        "creator",
+                        "--week",
+                        &label,
+                        "--json",
+                    ],
+                )),
+                json_of(&bin(
+                    &url,
+                    &[
+                        "accounts",
+                        "webhook",
+                        "--account",
+                        "creator",
+                        "--url",
+                        "http://127.0.0.1:9/hook",
+                        "--json",
+                    ],
+                )),
+                bin(
+                    &url,
+                    &[
+                        "accounts",
+                        "webhook",
+                        "--account",
+                        "creator",
+                        "--url",
+                        "http://10.0.0.1/hook",
+                    ],
+                ),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(cli["earnings_micros"], earnings);
+        assert_eq!(cli["calls_served"], 5);
+        assert_eq!(cli["uptime_percent"], 70.0);
+        assert!(
+            hook["signing_secret"]
+                .as_str()
+                .unwrap()
+                .starts_with("whsec_")
+        );
+        assert!(!bad.status.success());
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid webhook URL"));
+        let c = channels::get(store, &w.creator.id).await.unwrap().unwrap();
+        assert_eq!(c.webhook_url.as_deref(), Some("http://127.0.0.1:9/hook"));
+        w.stop().await;
+    }
+}

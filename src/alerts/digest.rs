@@ -3,7 +3,8 @@
 //! `calls.finished_at`), their earnings (the credits of their `earnings:` ledger
 //! account by settle transfers of that week), each server's uptime (the share of
 //! `probe_results` rows with `ok = 1`; `null` without probes), the tool changes
-//! detected (`tool_changes.detected_at`) and the incidents (their own outbox rows of
+//! detected (`tool_changes.detected_at`, those the creator was alerted of: the tools
+//! of a server's first listing, reviewed at its approval, are no change) and the incidents (their own outbox rows of
 //! kind `incident` or `server.status_changed`).
 //!
 //! [`enqueue_weekly_digests`] enqueues one [`AlertEvent::WeeklyDigest`] per creator
@@ -199,7 +200,8 @@ pub async fn compute(store: &Store, account_id: &str, week: &Week) -> Result<Dig
     .try_get(0)?;
     let tool_changes: i64 = sqlx::query(
         "SELECT CAST(COUNT(*) AS BIGINT) FROM tool_changes c JOIN servers s ON s.id = c.server_id \
-         WHERE s.owner_account_id = $1 AND c.detected_at >= $2 AND c.detected_at < $3",
+         WHERE s.owner_account_id = $1 AND c.alerted_at IS NOT NULL \
+         AND c.detected_at >= $2 AND c.detected_at < $3",
     )
     .bind(account_id)
     .bind(from)
