@@ -72,6 +72,21 @@ async fn metrics_show_calls_by_server_tool_and_outcome() {
                 .any(|h| h.get("x-request-id").and_then(|v| v.to_str().ok()) == Some(&call_id)),
             "the upstream saw X-Request-Id {call_id}"
         );
+        // The reliability layer's metrics land in the same exposition: a manual probe.
+        let server = market.app.catalog.get("faulty").await.unwrap();
+        mcp_marketplace::upstream::probe::probe_server(
+            &market.app,
+            &server,
+            mcp_marketplace::upstream::probe::ProbeKind::Manual,
+        )
+        .await
+        .unwrap();
+        let probed = scrape(&market.base).await;
+        assert!(
+            probed.contains(r#"mcp_marketplace_probes_total{server="faulty""#),
+            "{probed}"
+        );
+        assert!(probed.contains(r#"mcp_marketplace_probe_latency_seconds_count{server="faulty"}"#));
         market.stop().await;
         fault.stop().await;
     }
