@@ -735,3 +735,145 @@ async fn the_weekly_digest_equals_the_ledger_and_the_probe_history() {
         w.stop().await;
     }
 }
+
+/// A Python with `aiosmtpd`: `MCP_TEST_PYTHON` (CI installs it next to `mcp`), else
+/// `target/py-venv/bin/python`, into which it is installed when missing.
+fn python_with_aiosmtpd() -> std::path::PathBuf {
+    use std::process::Command;
+    let has = |p: &std::path::Path| {
+        p.exists()
+            && Command::new(p)
+                .args(["-c", "import aiosmtpd.controller"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+    };
+    if let Some(p) = std::env::var_os("MCP_TEST_PYTHON").filter(|p| !p.is_empty()) {
+        let p = std::path::PathBuf::from(p);
+        if has(&p) {
+            return p;
+        }
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py-venv");
+    let python = venv.join("bin/python");
+    if !has(&python) {
+        if !python.exists() {
+            let s = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .expect("python3 runs");
+            assert!(s.success(), "python3 -m venv failed");
+        }
+        let s = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "aiosmtpd"])
+            .status()
+            .expect("pip runs");
+        assert!(s.success() && has(&python), "cannot install aiosmtpd");
+    }
+    python
+}
+
+/// The SMTP sink of `tests/python/smtp_sink.py` on `addr`: returns the child and a
+/// channel of the messages it received.
+async fn smtp_sink(
+    addr: SocketAddr,
+) -> (
+    tokio::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/smtp_sink.py");
+    let mut child = tokio::process::Command::new(python_with_aiosmtpd())
+        .arg(script)
+        .arg(addr.port().to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the SMTP sink starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = lines.next_line().await.expect("read").expect("a line");
+    assert_eq!(ready, "READY");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(serde_json::from_str(&line).expect("JSON from the sink"));
+        }
+    });
+    (child, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_emailed_through_a_real_smtp_server_once_it_is_up() {
+    use mcp_marketplace::alerts::{SmtpConfig, SmtpTls};
+    for backend in backends() {
+        let addr = free_addr().await;
+        let market = Market::start_with(TestDb::new(backend).await, |c| {
+            fast_alerts(c);
+            c.alerts.smtp = Some(SmtpConfig {
+                host: "127.0.0.1".into(),
+                port: addr.port(),
+                tls: SmtpTls::None,
+                credentials: None,
+                from: "alerts@marketplace.test".into(),
+            });
+        })
+        .await;
+        let creator = market.account("creator").await;
+        channels::set_email(&market.app.store, &creator.id, Some("creator@example.com"))
+            .await
+            .unwrap();
+        // The SMTP server is down: the alert waits, with the reason recorded.
+        let ids = enqueue_incidents(&market.app.store, &creator.id, 2, "mail").await;
+        wait_until(|| async {
+            outbox(&market.app.store)
+                .await
+                .values()
+                .all(|(attempts, _, _, _)| *attempts >= 2)
+        })
+        .await;
+        for (_, _, _, err) in outbox(&market.app.store).await.values() {
+            assert!(
+                err.as_deref()
+                    .is_some_and(|e| e.starts_with("email: SMTP delivery failed")),
+                "{err:?}"
+            );
+        }
+        // It comes up: each alert is e-mailed once.
+        let (mut child, mut mail) = smtp_sink(addr).await;
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let m = tokio::time::timeout(Duration::from_secs(10), mail.recv())
+                .await
+                .expect("a message within 10 s")
+                .expect("the sink runs");
+            assert_eq!(m["mail_from"], "alerts@marketplace.test");
+            assert_eq!(m["rcpt_tos"], serde_json::json!(["creator@example.com"]));
+            let data = m["data"].as_str().unwrap();
+            assert!(
+                data.contains("Subject: [mcp-marketplace] server units: mail"),
+                "{data}"
+            );
+            let id = ids
+                .iter()
+                .find(|id| data.contains(&format!("Message-ID: <{id}@mcp-marketplace>")))
+                .expect("the Message-ID names the event");
+            got.push(id.clone());
+        }
+        got.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        assert_eq!(got, expected);
+        wait_until(|| async {
+            outbox(&market.app.store)
+                .await
+                .values()
+                .all(|(_, delivered, _, _)| *delivered)
+        })
+        .await;
+        assert!(mail.try_recv().is_err(), "nothing was sent twice");
+        market.stop().await;
+        drop(child.stdin.take());
+        let _ = child.wait().await;
+    }
+}
