@@ -877,3 +877,68 @@ async fn alerts_are_emailed_through_a_real_smtp_server_once_it_is_up() {
         let _ = child.wait().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_outbox_and_deliver_each_alert_once() {
+    use mcp_marketplace::alerts::worker::Worker;
+    for backend in backends() {
+        let market = Market::start_with(TestDb::new(backend).await, fast_alerts).await;
+        let creator = market.account("creator").await;
+        let addr = free_addr().await;
+        let secret = channels::set_webhook(
+            &market.app.store,
+            &market.app.vault,
+            &market.app.policy,
+            &creator.id,
+            &format!("http://{addr}/hook"),
+        )
+        .await
+        .unwrap();
+        let receiver = Receiver::new(&secret, 0);
+        let stop_receiver = receiver.serve(addr).await;
+        // A second replica: its own pool on the same database, its own worker.
+        let store2 = Store::connect(&market.db.url).await.unwrap();
+        let worker2 = Worker::new(
+            store2.clone(),
+            market.app.vault.clone(),
+            market.app.policy.clone(),
+            market.app.config.alerts.clone(),
+        )
+        .unwrap();
+        let token = CancellationToken::new();
+        let run2 = tokio::spawn({
+            let (w, t) = (worker2.clone(), token.clone());
+            async move { w.run(t).await }
+        });
+        // A row leased by a replica that crashed is taken over once its lease ended.
+        let mut expected = enqueue_incidents(&store2, &creator.id, 1, "orphan").await;
+        sqlx::query("UPDATE alert_outbox SET lease_owner = 'crashed', lease_until = $1")
+            .bind(mcp_marketplace::store::now_ms() + 300)
+            .execute(store2.pool())
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            enqueue_incidents(&market.app.store, &creator.id, 40, "a"),
+            enqueue_incidents(&store2, &creator.id, 40, "b"),
+        );
+        expected.extend(a);
+        expected.extend(b);
+        wait_until(|| async { receiver.ids().len() >= expected.len() }).await;
+        wait_until(|| async {
+            outbox(&market.app.store)
+                .await
+                .values()
+                .all(|(_, delivered, _, _)| *delivered)
+        })
+        .await;
+        let mut got = receiver.ids();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "each alert exactly once across two workers");
+        token.cancel();
+        run2.await.unwrap();
+        store2.close().await;
+        stop_receiver.cancel();
+        market.stop().await;
+    }
+}

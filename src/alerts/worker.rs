@@ -116,8 +116,9 @@ impl Worker {
 
     /// Runs until `token` is cancelled: each `poll_interval` relays low-balance alerts,
     /// enqueues due weekly digests (checked every 10 minutes), and delivers due rows
-    /// batch after batch. On cancellation the batch in hand finishes, and rows still
-    /// leased by this worker are released for the next process.
+    /// batch after batch. On cancellation the pass in hand is dropped (a delivery in
+    /// flight is abandoned and retried later, so shutdown never waits for a slow
+    /// receiver) and the rows this worker leases are released for the next process.
     pub async fn run(&self, token: CancellationToken) {
         let mut tick = tokio::time::interval(self.inner.config.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -145,14 +146,23 @@ impl Worker {
                 }
             }
             loop {
-                match self.deliver_due().await {
-                    Ok(n) if n as i64 == CLAIM_BATCH && !token.is_cancelled() => continue,
+                // Shutdown does not wait for slow receivers: the pass in hand is dropped
+                // and its rows released below, to be retried by the next process.
+                let pass = tokio::select! {
+                    r = self.deliver_due() => r,
+                    () = token.cancelled() => break,
+                };
+                match pass {
+                    Ok(n) if n as i64 == CLAIM_BATCH => continue,
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "alert delivery pass failed");
                         break;
                     }
                 }
+            }
+            if token.is_cancelled() {
+                break;
             }
         }
         if let Err(e) = self.release().await {
