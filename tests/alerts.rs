@@ -910,13 +910,29 @@ async fn two_replicas_share_the_outbox_and_deliver_each_alert_once() {
             let (w, t) = (worker2.clone(), token.clone());
             async move { w.run(t).await }
         });
-        // A row leased by a replica that crashed is taken over once its lease ended.
-        let mut expected = enqueue_incidents(&store2, &creator.id, 1, "orphan").await;
-        sqlx::query("UPDATE alert_outbox SET lease_owner = 'crashed', lease_until = $1")
-            .bind(mcp_marketplace::store::now_ms() + 300)
-            .execute(store2.pool())
-            .await
-            .unwrap();
+        // A row leased by a replica that crashed is taken over once its lease ended
+        // (written leased in one transaction, so no live worker claims it first).
+        let mut tx = store2.begin().await.unwrap();
+        let orphan = enqueue(
+            &mut tx,
+            &creator.id,
+            &AlertEvent::Incident {
+                slug: "units".into(),
+                summary: "orphan".into(),
+            },
+        )
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE alert_outbox SET lease_owner = 'crashed', lease_until = $1 WHERE id = $2",
+        )
+        .bind(mcp_marketplace::store::now_ms() + 300)
+        .bind(&orphan)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let mut expected = vec![orphan];
         let (a, b) = tokio::join!(
             enqueue_incidents(&market.app.store, &creator.id, 40, "a"),
             enqueue_incidents(&store2, &creator.id, 40, "b"),
