@@ -8,9 +8,10 @@
 //! are rendered with the buckets of [`LATENCY_BUCKETS`] (seconds).
 //!
 //! Metrics (labels in braces):
-//! - `mcp_marketplace_calls_total` counter {server, tool, outcome}: finished upstream
-//!   calls; `outcome` is `ok` or the error kind the client saw (`upstream_error`,
-//!   `upstream_timeout`, `cancelled`, …);
+//! - `mcp_marketplace_calls_total` counter {server, tool, outcome}: tool calls;
+//!   `outcome` is `ok` or the error kind the client saw (`upstream_error`,
+//!   `upstream_timeout`, `cancelled`, and the refusals before any forward:
+//!   `insufficient_credits`, `upstream_unavailable`, …);
 //! - `mcp_marketplace_call_duration_seconds` histogram {server, tool}: the forward's
 //!   duration;
 //! - `mcp_marketplace_ledger_holds_micros` gauge: money held for calls in flight, read
@@ -107,6 +108,46 @@ pub fn record_call(server: &str, tool: &str, outcome: &str, duration: Duration) 
         "tool" => tool.to_owned()
     )
     .record(duration.as_secs_f64());
+}
+
+/// Counts a `tools/call` refused before it was forwarded (no receipt, an error kind in
+/// `_meta["mcp-marketplace/error"]`: insufficient credits, spend limit, quota, an
+/// unavailable server, the concurrency cap) in `mcp_marketplace_calls_total` with that
+/// kind as `outcome`. `name` is the tool name the client called, `slug` the server of
+/// a one-server endpoint. Calls that reached the forward carry a receipt and were
+/// counted by [`record_call`]; unknown tools are JSON-RPC errors and never get here, so
+/// the labels only take names the catalog resolved.
+pub fn record_refusal(name: &str, slug: Option<&str>, result: &rmcp::model::CallToolResult) {
+    let Some(meta) = result.meta.as_ref() else {
+        return;
+    };
+    if meta
+        .0
+        .contains_key(crate::billing::receipts::RECEIPT_META_KEY)
+    {
+        return;
+    }
+    let Some(kind) = meta
+        .0
+        .get(crate::gateway::tools::ERROR_META_KEY)
+        .and_then(|e| e.get("kind"))
+        .and_then(serde_json::Value::as_str)
+    else {
+        return;
+    };
+    let (server, tool) = match slug {
+        Some(s) => (s, name),
+        None => name
+            .split_once(crate::catalog::namespace::SEPARATOR)
+            .unwrap_or(("marketplace", name)),
+    };
+    metrics::counter!(
+        "mcp_marketplace_calls_total",
+        "server" => server.to_owned(),
+        "tool" => tool.to_owned(),
+        "outcome" => kind.to_owned()
+    )
+    .increment(1);
 }
 
 /// The `/metrics` body: refreshes the gauges read from the store (ledger holds, the

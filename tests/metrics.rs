@@ -72,6 +72,29 @@ async fn metrics_show_calls_by_server_tool_and_outcome() {
                 .any(|h| h.get("x-request-id").and_then(|v| v.to_str().ok()) == Some(&call_id)),
             "the upstream saw X-Request-Id {call_id}"
         );
+        // A call refused before any forward (the server is not callable) counts too.
+        let refused = r#"mcp_marketplace_calls_total{server="faulty",tool="echo",outcome="upstream_unavailable"}"#;
+        market
+            .app
+            .catalog
+            .set_status("faulty", mcp_marketplace::catalog::ServerStatus::Inactive)
+            .await
+            .unwrap();
+        let c = s.call(3, "faulty__echo", json!({"text": "hi"})).await;
+        assert_eq!(c.tool_error_kind().as_deref(), Some("upstream_unavailable"));
+        let refusing = scrape(&market.base).await;
+        assert_eq!(sample(&refusing, refused) - sample(&after, refused), 1.0);
+        assert_eq!(
+            sample(&refusing, hist),
+            sample(&after, hist),
+            "no duration for a refusal"
+        );
+        market
+            .app
+            .catalog
+            .set_status("faulty", mcp_marketplace::catalog::ServerStatus::Active)
+            .await
+            .unwrap();
         // The reliability layer's metrics land in the same exposition: a manual probe.
         let server = market.app.catalog.get("faulty").await.unwrap();
         mcp_marketplace::upstream::probe::probe_server(

@@ -124,9 +124,11 @@ impl ServerHandler for GatewayHandler {
         // Everything logged during the call carries its call id (recorded by the call
         // path once made; also sent upstream as X-Request-Id).
         let span = tracing::info_span!("tools/call", tool = %request.name, call_id = tracing::field::Empty);
+        let name = request.name.to_string();
         let result = super::call::call_tool(&self.app, &caller, request, &context)
             .instrument(span)
             .await?;
+        crate::telemetry::record_refusal(&name, caller.slug.as_deref(), &result);
         Ok(result.into())
     }
 }
