@@ -122,6 +122,10 @@ pub struct App {
     watches: DashMap<String, CancellationToken>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Calls between the breaker check and their settle or refund (issue 4 item 6).
+    in_flight: TaskTracker,
+    /// Cancelled when a shutdown's grace is over: calls still running are cancelled.
+    drain: CancellationToken,
 }
 
 impl App {
@@ -203,6 +207,8 @@ impl App {
             watches: DashMap::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            in_flight: TaskTracker::new(),
+            drain: CancellationToken::new(),
         }))
     }
 
@@ -579,6 +585,7 @@ impl App {
         let result = axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 shutdown.cancelled().await;
+                app.drain_calls().await;
                 app.shutdown.cancel();
             })
             .await;
@@ -587,6 +594,47 @@ impl App {
         self.tasks.wait().await;
         self.upstreams.close_all().await;
         result.map_err(AppError::Io)
+    }
+
+    /// A guard a `tools/call` holds from its breaker check until it is settled or
+    /// refunded; `None` once a shutdown began (the call is refused, uncharged).
+    pub fn call_guard(&self) -> Option<tokio_util::task::task_tracker::TaskTrackerToken> {
+        (!self.in_flight.is_closed()).then(|| self.in_flight.token())
+    }
+
+    /// Cancelled when a shutdown's grace is over; calls still forwarding then stop and
+    /// are refunded.
+    pub fn drain_token(&self) -> CancellationToken {
+        self.drain.clone()
+    }
+
+    /// Calls currently between their breaker check and their settle or refund.
+    pub fn calls_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The first step of a graceful shutdown (issue 4 item 6): refuses new calls, lets
+    /// the calls in flight finish for up to `shutdown_grace`, then cancels the rest
+    /// (each is refunded by its own call path) and waits for their refunds.
+    async fn drain_calls(&self) {
+        self.in_flight.close();
+        let grace = self.config.reliability.shutdown_grace;
+        let running = self.in_flight.len();
+        if running > 0 {
+            tracing::info!(running, "shutting down: letting calls in flight finish");
+        }
+        if tokio::time::timeout(grace, self.in_flight.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.in_flight.len(),
+                "shutdown grace over: cancelling and refunding the calls still running"
+            );
+            self.drain.cancel();
+            // Refunds are single transactions; this bounds a stuck database.
+            let _ = tokio::time::timeout(Duration::from_secs(30), self.in_flight.wait()).await;
+        }
     }
 
     /// The token cancelled when the marketplace shuts down (rmcp sessions use it).

@@ -331,8 +331,218 @@ async fn the_scheduler_probes_on_its_interval_and_stops_on_shutdown() {
     fault.stop().await;
 }
 
+async fn call(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, ()>,
+    tool: &str,
+    arguments: serde_json::Value,
+) -> rmcp::model::CallToolResult {
+    client
+        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments)))
+        .await
+        .expect("a tool result")
+}
+
+#[tokio::test]
+async fn an_open_breaker_fails_fast_and_charges_nothing() {
+    for backend in backends() {
+        let (market, fault, user, key) = common::faulty_world(backend).await;
+        let server = market.app.catalog.get("faulty").await.unwrap();
+        let client = market.client(&key).await;
+        fault.set_mode(fault::HTTP_500);
+        for _ in 0..5 {
+            let r = call(&client, "faulty__add", json!({"a": 1, "b": 1})).await;
+            assert_eq!(error_kind(&r).as_deref(), Some("upstream_error"));
+            assert_eq!(receipt_of(&r).charged_micros, 0);
+        }
+        assert_eq!(
+            market.app.breakers.state(&server.id, 0),
+            mcp_marketplace::upstream::breaker::BreakerState::Open
+        );
+        // Five failed calls in a row also degraded the server (source: calls).
+        assert_eq!(status(&market, "faulty").await, ServerStatus::Degraded);
+        let events = health::status_events(&market.app, &server.id)
+            .await
+            .unwrap();
+        assert_eq!(events.last().unwrap().source, "calls");
+
+        let sent_before = fault.state.tool_calls();
+        let before = common::snapshot(&market).await;
+        let r = call(&client, "faulty__add", json!({"a": 1, "b": 1})).await;
+        assert_eq!(error_kind(&r).as_deref(), Some("upstream_unavailable"));
+        assert_eq!(r.is_error, Some(true));
+        assert_eq!(fault.state.tool_calls(), sent_before, "nothing was sent");
+        assert_eq!(
+            common::snapshot(&market).await,
+            before,
+            "nothing reserved or charged"
+        );
+        assert_eq!(market.balance(&user).await.wallet_micros, 1_000_000);
+        client.cancel().await.ok();
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
+/// A market with one server `twin` served by two fault servers (two endpoints).
+async fn twin_world(
+    backend: Backend,
+) -> (
+    Market,
+    FaultServer,
+    FaultServer,
+    mcp_marketplace::auth::accounts::Account,
+    String,
+) {
+    let market = Market::start(common::TestDb::new(backend).await).await;
+    let creator = market.account("creator").await;
+    let user = market.account("user").await;
+    let a = FaultServer::start().await;
+    let b = FaultServer::start().await;
+    let new = mcp_marketplace::catalog::NewServer {
+        name: "twin".into(),
+        slug: Some("twin".into()),
+        endpoints: vec![a.url.clone(), b.url.clone()],
+        pricing: "0.05_per_request".into(),
+        timeout_ms: Some(5_000),
+        ..Default::default()
+    };
+    let (_, secret) = market
+        .app
+        .catalog
+        .register(&creator.id, &new, &market.app.policy)
+        .await
+        .expect("register");
+    *a.secret.write().unwrap() = Some(secret.clone());
+    *b.secret.write().unwrap() = Some(secret);
+    market.app.approve("twin").await.expect("approve");
+    market.app.install(&user.id, "twin").await.unwrap();
+    market
+        .app
+        .ledger
+        .topup(&user.id, 1_000_000, "test")
+        .await
+        .unwrap();
+    let key = market
+        .key(
+            "user",
+            &[
+                mcp_marketplace::auth::Scope::Invoke,
+                mcp_marketplace::auth::Scope::CatalogRead,
+            ],
+        )
+        .await;
+    (market, a, b, user, key)
+}
+
+#[tokio::test]
+async fn failover_serves_from_the_healthy_endpoint() {
+    for backend in backends() {
+        let (market, a, b, user, key) = twin_world(backend).await;
+        let client = market.client(&key).await;
+        // Endpoint A fails before any call is sent (initialize answers 500): every call,
+        // non-idempotent ones included, is served by B and charged once.
+        a.set_mode(fault::DOWN);
+        for i in 0..8 {
+            let r = call(&client, "twin__add", json!({"a": i, "b": 1})).await;
+            assert_ne!(r.is_error, Some(true), "{r:?}");
+            assert_eq!(common::text_of(&r), (i + 1).to_string());
+            assert_eq!(receipt_of(&r).charged_micros, 50_000);
+        }
+        assert_eq!(a.state.tool_calls(), 0);
+        assert_eq!(b.state.tool_calls(), 8);
+        // A dead endpoint (connection refused) too.
+        a.stop().await;
+        for _ in 0..4 {
+            let r = call(&client, "twin__add", json!({"a": 1, "b": 1})).await;
+            assert_ne!(r.is_error, Some(true), "{r:?}");
+        }
+        assert_eq!(b.state.tool_calls(), 12);
+        assert_eq!(
+            market.balance(&user).await.wallet_micros,
+            1_000_000 - 12 * 50_000
+        );
+        client.cancel().await.ok();
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        b.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_non_idempotent_tool_is_never_retried_after_it_was_sent() {
+    for backend in backends() {
+        let (market, a, b, user, key) = twin_world(backend).await;
+        let client = market.client(&key).await;
+        // Both endpoints take the call and then fail it (HTTP 500 on tools/call).
+        a.set_mode(fault::HTTP_500);
+        b.set_mode(fault::HTTP_500);
+        let r = call(&client, "twin__add", json!({"a": 1, "b": 1})).await;
+        assert_eq!(error_kind(&r).as_deref(), Some("upstream_error"));
+        assert_eq!(a.state.tool_calls() + b.state.tool_calls(), 1, "sent once");
+        // A read-only tool is retried, on the other endpoint first, at most 3 times.
+        let r = call(&client, "twin__lookup", json!({"text": "x"})).await;
+        assert_eq!(error_kind(&r).as_deref(), Some("upstream_error"));
+        assert_eq!(a.state.tool_calls() + b.state.tool_calls(), 1 + 3);
+        assert!(a.state.tool_calls() >= 1 && b.state.tool_calls() >= 1);
+        // A garbled answer to a sent call is not retried either.
+        a.set_mode(fault::GARBAGE_CALLS);
+        b.set_mode(fault::GARBAGE_CALLS);
+        let before = a.state.tool_calls() + b.state.tool_calls();
+        let r = call(&client, "twin__add", json!({"a": 1, "b": 1})).await;
+        assert_eq!(error_kind(&r).as_deref(), Some("upstream_error"));
+        assert_eq!(a.state.tool_calls() + b.state.tool_calls(), before + 1);
+        // The read-only tool, retried, succeeds once an endpoint is healthy again.
+        b.set_mode(fault::NORMAL);
+        let r = call(&client, "twin__lookup", json!({"text": "ok"})).await;
+        assert_ne!(r.is_error, Some(true), "{r:?}");
+        assert_eq!(common::text_of(&r), "ok");
+        assert_eq!(
+            market.balance(&user).await.wallet_micros,
+            1_000_000 - 50_000
+        );
+        client.cancel().await.ok();
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        a.stop().await;
+        b.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_call_is_forwarded_upstream_and_refunded() {
+    use rmcp::model::{CallToolRequest, ClientRequest};
+    use rmcp::service::PeerRequestOptions;
+    for backend in backends() {
+        let (market, fault, user, key) = common::faulty_world(backend).await;
+        let client = market.client(&key).await;
+        let handle = client
+            .peer()
+            .send_cancellable_request(
+                ClientRequest::CallToolRequest(CallToolRequest::new(
+                    CallToolRequestParams::new("faulty__sleep")
+                        .with_arguments(args(json!({"ms": 60_000}))),
+                )),
+                PeerRequestOptions::no_options(),
+            )
+            .await
+            .expect("sent");
+        wait_until(|| async { fault.state.tool_calls() == 1 }).await;
+        assert_eq!(market.balance(&user).await.holds_micros, 50_000);
+        handle
+            .cancel(Some("changed my mind".into()))
+            .await
+            .expect("cancelled");
+        wait_until(|| async { fault.state.count("notifications/cancelled") == 1 }).await;
+        wait_until(|| async { market.balance(&user).await.holds_micros == 0 }).await;
+        assert_eq!(market.balance(&user).await.wallet_micros, 1_000_000);
+        client.cancel().await.ok();
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
 /// Keeps the compiler quiet about helpers only some tests use.
 #[allow(dead_code)]
-fn _unused(_: FaultServer) {
-    let _ = receipt_of;
-}
+fn _unused(_: FaultServer) {}

@@ -5,10 +5,13 @@
 //!    a server that is not callable fails with `upstream_unavailable`;
 //! 3. rate limit: checked before rmcp sees the request (`gateway::limits`, HTTP 429);
 //!    here the call's trust policy is read and the server's concurrency cap applied;
-//! 4. circuit breaker: not part of this layer yet (the reliability layer adds it here);
+//! 4. circuit breaker: when no endpoint's breaker lets a call through, or the
+//!    marketplace is shutting down, fail fast with `upstream_unavailable` before
+//!    anything is reserved (`upstream::breaker`);
 //! 5. reserve the price (one transaction; insufficient credits, the key's spend limits
 //!    or the plan's monthly call quota refuse the call before anything is sent);
-//! 6. forward over the (account, server) upstream session, with the secret, the
+//! 6. forward over the (account, server, endpoint) upstream session, with failover and
+//!    retries only when safe (`upstream::failover`), the secret, the
 //!    creator's credentials, a signed per-call token and `X-Request-Id`, under the
 //!    server's timeout, streaming progress and log messages back; then content
 //!    protection: redaction, then scanning (`blocked_content` in block mode, warnings
@@ -126,6 +129,27 @@ pub async fn call_tool(
         ));
     };
 
+    // 4. Circuit breaker, and no new call once a shutdown began. The guard keeps the
+    // shutdown waiting until this call is settled or refunded.
+    let Some(_in_flight) = app.call_guard() else {
+        return Ok(tool_error(
+            "upstream_unavailable",
+            "The marketplace is restarting. You were not charged; retry in a moment.".into(),
+            Some(5),
+        ));
+    };
+    if !app.breakers.any_available(&server) {
+        return Ok(tool_error(
+            "upstream_unavailable",
+            format!(
+                "The server '{}' is failing, so the marketplace paused calls to it. You were not \
+                 charged; try again later.",
+                server.slug
+            ),
+            Some(30),
+        ));
+    }
+
     // 5. Reserve.
     let call_id = uuid::Uuid::now_v7().to_string();
     tracing::Span::current().record("call_id", call_id.as_str());
@@ -200,22 +224,26 @@ pub async fn call_tool(
 
     // 6. Forward.
     let started = Instant::now();
-    let forwarded =
-        match forward(app, caller, &server, &tool.name, args, &call_id, price, ctx).await {
-            Ok(result) => {
-                protect(
-                    app,
-                    key,
-                    &server.slug,
-                    &tool.name,
-                    &call_id,
-                    &policy,
-                    result,
-                )
-                .await
-            }
-            failed => failed,
-        };
+    let retry_safe = crate::upstream::failover::retry_safe(&tool.definition);
+    let forwarded = match forward(
+        app, caller, &server, &tool.name, retry_safe, args, &call_id, price, ctx,
+    )
+    .await
+    {
+        Ok(result) => {
+            protect(
+                app,
+                key,
+                &server.slug,
+                &tool.name,
+                &call_id,
+                &policy,
+                result,
+            )
+            .await
+        }
+        failed => failed,
+    };
     let latency_ms = started.elapsed().as_millis() as i64;
 
     // 7. Settle or refund.
@@ -424,6 +452,7 @@ async fn forward(
     caller: &Caller,
     server: &crate::catalog::Server,
     tool: &str,
+    retry_safe: bool,
     args: serde_json::Map<String, Value>,
     call_id: &str,
     price: i64,
@@ -436,10 +465,6 @@ async fn forward(
             "server credentials unavailable".into(),
         ))
     })?;
-    let session = app
-        .upstreams
-        .session(&key.account_id, server, &fixed)
-        .ok_or(Failure::Upstream(UpstreamError::Connect))?;
     let now = now_secs();
     let token = app
         .signer
@@ -484,14 +509,28 @@ async fn forward(
         }
     };
     let timeout = Duration::from_millis(server.timeout_ms as u64);
-    let outcome = tokio::select! {
-        r = tokio::time::timeout(timeout, session.request("tools/call", params, &extra, &on_message)) => match r {
-            Ok(Ok(result)) => serde_json::from_value::<CallToolResult>(result)
-                .map_err(|_| Failure::Upstream(UpstreamError::Protocol("the result is not a CallToolResult".into()))),
-            Ok(Err(e)) => Err(Failure::Upstream(e)),
-            Err(_) => Err(Failure::Upstream(UpstreamError::Timeout)),
-        },
-        () = ctx.ct.cancelled() => Err(Failure::Cancelled),
+    let sent = crate::upstream::failover::send(
+        app,
+        &key.account_id,
+        server,
+        &fixed,
+        "tools/call",
+        params,
+        &extra,
+        &on_message,
+        retry_safe,
+        timeout,
+        &ctx.ct,
+    )
+    .await;
+    let outcome = match sent {
+        Ok(result) => serde_json::from_value::<CallToolResult>(result).map_err(|_| {
+            Failure::Upstream(UpstreamError::Protocol(
+                "the result is not a CallToolResult".into(),
+            ))
+        }),
+        Err(crate::upstream::failover::SendError::Upstream(e)) => Err(Failure::Upstream(e)),
+        Err(crate::upstream::failover::SendError::Cancelled) => Err(Failure::Cancelled),
     };
     drop(tx);
     let _ = forwarder.await;

@@ -5,6 +5,7 @@
 
 pub mod breaker;
 pub mod client;
+pub mod failover;
 pub mod health;
 pub mod probe;
 

@@ -37,6 +37,8 @@ pub const DROP: u8 = 4;
 pub const GARBAGE: u8 = 5;
 /// Never answer a POST (until the server stops).
 pub const HANG: u8 = 6;
+/// Answer `tools/call` POSTs (only) with HTTP 200 and a body that is not JSON.
+pub const GARBAGE_CALLS: u8 = 8;
 /// Alternate per request: HTTP 500, then normal service, then HTTP 500, …
 pub const FLAP: u8 = 7;
 
@@ -298,6 +300,14 @@ impl FaultServer {
                                         .status(200)
                                         .header("content-type", "application/json")
                                         .body(Body::from_stream(broken))
+                                        .expect("a response");
+                                }
+                                GARBAGE_CALLS if method == "tools/call" => {
+                                    st.methods.lock().unwrap().push(method);
+                                    return Response::builder()
+                                        .status(200)
+                                        .header("content-type", "application/json")
+                                        .body(Body::from("}{ this is not JSON"))
                                         .expect("a response");
                                 }
                                 GARBAGE => {
