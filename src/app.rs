@@ -36,6 +36,9 @@ const REAP_INTERVAL: Duration = Duration::from_secs(30);
 const REFRESH_SCAN_INTERVAL: Duration = Duration::from_secs(60);
 /// Longest pause between reconnects of a list-changed watch.
 const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// After the last call of a shutdown ended, how long its answer gets to reach the
+/// client before the MCP sessions close.
+const RESULT_FLUSH: Duration = Duration::from_millis(250);
 /// Extra time, beyond a server's timeout, before a hold counts as abandoned (ms).
 pub const HOLD_GRACE_MS: i64 = 60_000;
 
@@ -634,6 +637,11 @@ impl App {
             self.drain.cancel();
             // Refunds are single transactions; this bounds a stuck database.
             let _ = tokio::time::timeout(Duration::from_secs(30), self.in_flight.wait()).await;
+        }
+        if running > 0 {
+            // The last results are written to their SSE streams after their calls
+            // returned; give them a moment before the sessions close.
+            tokio::time::sleep(RESULT_FLUSH).await;
         }
     }
 
