@@ -247,7 +247,13 @@ impl App {
                 .approve_tools(&server.id, None, &actor.label())
                 .await?;
         }
-        let server = self.catalog.set_status(slug, ServerStatus::Active).await?;
+        let server = crate::upstream::health::set_status_by_admin(
+            self,
+            slug,
+            ServerStatus::Active,
+            "approved by an admin",
+        )
+        .await?;
         let _ = audit::record(
             &self.store,
             actor,
@@ -315,10 +321,13 @@ impl App {
     /// # Errors
     /// [`AppError::Catalog`].
     pub async fn suspend_as(&self, actor: &Actor, slug: &str) -> Result<Server, AppError> {
-        let server = self
-            .catalog
-            .set_status(slug, ServerStatus::Suspended)
-            .await?;
+        let server = crate::upstream::health::set_status_by_admin(
+            self,
+            slug,
+            ServerStatus::Suspended,
+            "suspended by an admin",
+        )
+        .await?;
         let _ = audit::record(
             &self.store,
             actor,

@@ -543,6 +543,188 @@ async fn a_cancelled_call_is_forwarded_upstream_and_refunded() {
     }
 }
 
-/// Keeps the compiler quiet about helpers only some tests use.
-#[allow(dead_code)]
-fn _unused(_: FaultServer) {}
+#[derive(Clone, Default)]
+struct Listening {
+    progress: Arc<AtomicUsize>,
+    logs: Arc<AtomicUsize>,
+}
+
+// Logging is deprecated by SEP-2577; older upstreams still send it.
+#[allow(deprecated)]
+impl rmcp::ClientHandler for Listening {
+    async fn on_progress(
+        &self,
+        params: rmcp::model::ProgressNotificationParam,
+        _ctx: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        assert_eq!(params.message.as_deref(), Some("sleeping"));
+        self.progress.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn on_logging_message(
+        &self,
+        params: rmcp::model::LoggingMessageNotificationParam,
+        _ctx: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        let _ = params;
+        self.logs.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn upstream_progress_reaches_the_client_during_the_call() {
+    use rmcp::model::{CallToolRequest, ClientRequest, ProgressToken, RequestMetaObject};
+    use rmcp::service::PeerRequestOptions;
+    for backend in backends() {
+        let (market, fault, _user, key) = common::faulty_world(backend).await;
+        let listening = Listening::default();
+        mcp_marketplace::install_crypto_provider();
+        let transport = rmcp::transport::StreamableHttpClientTransport::from_config(
+            rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(
+                market.mcp_url(),
+            )
+            .auth_header(key.clone()),
+        );
+        let client = rmcp::ServiceExt::serve(listening.clone(), transport)
+            .await
+            .unwrap();
+        let handle = client
+            .peer()
+            .send_cancellable_request(
+                ClientRequest::CallToolRequest(CallToolRequest::new(
+                    CallToolRequestParams::new("faulty__sleep")
+                        .with_arguments(args(json!({"ms": 30_000}))),
+                )),
+                PeerRequestOptions::no_options().with_meta(RequestMetaObject::with_progress_token(
+                    ProgressToken(rmcp::model::NumberOrString::String("mine".into())),
+                )),
+            )
+            .await
+            .unwrap();
+        // Progress arrives while the call is still running upstream. (rmcp upstreams
+        // send log messages on their standalone GET stream, not on the call's stream,
+        // so they are not part of this call; see README "Reliability".)
+        wait_until(|| async { listening.progress.load(Ordering::SeqCst) == 1 }).await;
+        assert_eq!(fault.state.tool_calls(), 1);
+        handle.cancel(None).await.unwrap();
+        wait_until(|| async { fault.state.count("notifications/cancelled") == 1 }).await;
+        client.cancel().await.ok();
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn slow_hanging_and_flapping_upstreams() {
+    for backend in backends() {
+        let (market, fault, user, key) = common::faulty_world(backend).await;
+        let client = market.client(&key).await;
+        // Slow: a 400 ms delay per request grades the probe C or worse (initialize,
+        // initialized and tools/list each wait), and the server degrades.
+        fault.state.delay_ms.store(400, Ordering::SeqCst);
+        fault.set_mode(fault::SLOW);
+        let r = probe(&market, "faulty").await;
+        assert!(r.reachable && r.grade >= Grade::C, "{r:#?}");
+        assert_eq!(status(&market, "faulty").await, ServerStatus::Degraded);
+        let events = health::status_events(
+            &market.app,
+            &market.app.catalog.get("faulty").await.unwrap().id,
+        )
+        .await
+        .unwrap();
+        assert!(
+            events.last().unwrap().reason.contains("graded"),
+            "{events:?}"
+        );
+        // Slow calls still work (and are charged) while degraded.
+        let r = call(&client, "faulty__add", json!({"a": 2, "b": 2})).await;
+        assert_eq!(common::text_of(&r), "4");
+
+        // Hang: the call times out under the server's timeout (5 s here) and is refunded.
+        fault.set_mode(fault::HANG);
+        let wallet = market.balance(&user).await.wallet_micros;
+        let r = call(&client, "faulty__add", json!({"a": 1, "b": 1})).await;
+        assert_eq!(error_kind(&r).as_deref(), Some("upstream_timeout"));
+        assert_eq!(receipt_of(&r).charged_micros, 0);
+        assert_eq!(market.balance(&user).await.wallet_micros, wallet);
+
+        // Flap: every other request fails. A read-only tool gets through by retrying; the
+        // probe sees an impaired or unreachable server.
+        fault.set_mode(fault::FLAP);
+        let r = call(&client, "faulty__lookup", json!({"text": "x"})).await;
+        assert_eq!(common::text_of(&r), "x", "{r:?}");
+        let r = probe(&market, "faulty").await;
+        assert!(!r.ok, "{r:#?}");
+        assert_ne!(status(&market, "faulty").await, ServerStatus::Active);
+        fault.set_mode(fault::NORMAL);
+        client.cancel().await.ok();
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn registration_probes_leave_pending_servers_pending_and_admins_are_recorded() {
+    for backend in backends() {
+        let market = Market::start(common::TestDb::new(backend).await).await;
+        let creator = market.account("creator").await;
+        let fault = FaultServer::start().await;
+        let secret = market.register(&creator, "fresh", &fault.url, "free").await;
+        *fault.secret.write().unwrap() = Some(secret);
+        let server = market.app.catalog.get("fresh").await.unwrap();
+        let report = probe_server(&market.app, &server, ProbeKind::Registration)
+            .await
+            .unwrap();
+        assert!(report.ok, "{report:#?}");
+        assert_eq!(status(&market, "fresh").await, ServerStatus::PendingReview);
+        fault.set_mode(fault::DOWN);
+        let report = probe_server(&market.app, &server, ProbeKind::Registration)
+            .await
+            .unwrap();
+        assert!(!report.ok);
+        assert_eq!(status(&market, "fresh").await, ServerStatus::PendingReview);
+        assert_eq!(
+            count(
+                &market,
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM probe_results WHERE server_id = $1 AND kind = 'registration'",
+                &server.id
+            )
+            .await,
+            2
+        );
+        // Admin moves are recorded and alerted too.
+        fault.set_mode(fault::NORMAL);
+        market.app.approve("fresh").await.unwrap();
+        market.app.suspend("fresh").await.unwrap();
+        let events = health::status_events(&market.app, &server.id)
+            .await
+            .unwrap();
+        let moves: Vec<(&str, &str, &str)> = events
+            .iter()
+            .map(|e| (e.from.as_str(), e.to.as_str(), e.source.as_str()))
+            .collect();
+        assert_eq!(
+            moves,
+            [
+                ("pending_review", "active", "admin"),
+                ("active", "suspended", "admin")
+            ]
+        );
+        assert_eq!(
+            count(
+                &market,
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM alert_outbox WHERE account_id = $1 AND kind = 'server.status_changed'",
+                &creator.id
+            )
+            .await,
+            2
+        );
+        // Probes of a suspended server change nothing.
+        probe(&market, "fresh").await;
+        assert_eq!(status(&market, "fresh").await, ServerStatus::Suspended);
+        market.stop().await;
+        fault.stop().await;
+    }
+}

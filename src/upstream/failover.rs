@@ -160,9 +160,12 @@ pub async fn send(
             }
             Err(e) => {
                 permit.failure();
-                // Start afresh next time: the session may be what broke.
-                app.upstreams
-                    .forget_session(account_id, &server.id, position);
+                // Start afresh next time when the session may be what broke (an HTTP
+                // 5xx answer leaves it usable; a lost session was renewed already).
+                if !matches!(e, UpstreamError::HttpStatus(_)) {
+                    app.upstreams
+                        .forget_session(account_id, &server.id, position);
+                }
                 let reached =
                     track.sent.load(Ordering::SeqCst) && !matches!(e, UpstreamError::Connect);
                 let timed_out = matches!(e, UpstreamError::Timeout);

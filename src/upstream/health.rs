@@ -41,7 +41,7 @@ use sqlx::Row;
 use super::probe::{Grade, ProbeReport};
 use crate::alerts::{self, AlertEvent};
 use crate::app::App;
-use crate::catalog::{Server, ServerStatus};
+use crate::catalog::{CatalogError, Server, ServerStatus};
 use crate::store::{StoreError, now_ms};
 
 /// Live calls failing at the upstream in a row that degrade an active server.
@@ -346,6 +346,44 @@ pub async fn transition(
     tx.commit().await?;
     after_transition(app, server, from, to, source, reason).await;
     Ok(true)
+}
+
+/// Moves `slug` to `to` as an admin (approve, suspend), from whatever status it has:
+/// the update, a `server_status_events` row (source `admin`) and the
+/// `server.status_changed` alert in one transaction; the probe streaks restart. No
+/// event when the status does not change. The caller notifies sessions. Returns the
+/// server as it is now.
+///
+/// # Errors
+/// [`CatalogError::UnknownServer`], [`CatalogError::Store`].
+pub async fn set_status_by_admin(
+    app: &App,
+    slug: &str,
+    to: ServerStatus,
+    reason: &str,
+) -> Result<Server, CatalogError> {
+    let server = app.catalog.get(slug).await?;
+    let from = server.status;
+    if from == to {
+        return Ok(server);
+    }
+    let now = now_ms();
+    let mut tx = app.store.begin().await?;
+    sqlx::query("UPDATE servers SET status = $1, updated_at = $2 WHERE id = $3")
+        .bind(to.as_str())
+        .bind(now)
+        .bind(&server.id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM server_health WHERE server_id = $1")
+        .bind(&server.id)
+        .execute(&mut *tx)
+        .await?;
+    record_event(&mut tx, &server, from, to, Source::Admin, reason, now).await?;
+    tx.commit().await.map_err(StoreError::Database)?;
+    tracing::info!(server = %server.slug, from = from.as_str(), to = to.as_str(), "server status set by an admin");
+    set_status_gauge(&server.slug, from, to);
+    app.catalog.get_by_id(&server.id).await
 }
 
 /// Writes the event row and the alert of a transition inside `tx`.

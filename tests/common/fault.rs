@@ -159,10 +159,12 @@ impl ServerHandler for Faulty {
         Ok(ListToolsResult::with_all_items(tools))
     }
 
+    // Logging is deprecated by SEP-2577; upstreams of older protocol versions still send it.
+    #[allow(deprecated)]
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _c: RequestContext<RoleServer>,
+        c: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let args = request.arguments.unwrap_or_default();
         let num = |k: &str| args.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
@@ -172,6 +174,19 @@ impl ServerHandler for Faulty {
             }
             "fail" => CallToolResult::error(vec![ContentBlock::text("deliberate failure")]),
             "sleep" => {
+                // Progress (when asked for) and a log message before sleeping.
+                if let Some(token) = c.meta.get_progress_token() {
+                    let p = serde_json::from_value(json!({
+                        "progressToken": token, "progress": 1, "total": 2, "message": "sleeping",
+                    }))
+                    .expect("progress params");
+                    let _ = c.peer.notify_progress(p).await;
+                }
+                let log = serde_json::from_value(json!({
+                    "level": "info", "logger": "fault", "data": "going to sleep",
+                }))
+                .expect("log params");
+                let _ = c.peer.notify_logging_message(log).await;
                 tokio::time::sleep(std::time::Duration::from_millis(num("ms") as u64)).await;
                 CallToolResult::success(vec![ContentBlock::text("slept")])
             }
@@ -275,8 +290,10 @@ impl FaultServer {
                                     v.get("method").and_then(|m| m.as_str()).map(str::to_owned)
                                 })
                                 .unwrap_or_else(|| "?".into());
-                            let flap_fail =
-                                mode == FLAP && st.flaps.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+                            // Requests (not notifications) alternate: fail, serve, fail, …
+                            let flap_fail = mode == FLAP
+                                && !method.starts_with("notifications/")
+                                && st.flaps.fetch_add(1, Ordering::SeqCst) % 2 == 0;
                             match mode {
                                 HTTP_500 if method == "tools/call" => {
                                     st.methods.lock().unwrap().push(method);
