@@ -11,7 +11,7 @@
 //! | --- | --- |
 //! | [`alerts`] | the transactional alert outbox and its delivery (signed webhooks, SMTP, retries): server status changes, tool changes, incidents, low balances, weekly digests |
 //! | [`gateway`] | the downstream MCP server: `/mcp` and `/servers/{slug}/mcp`, tool listing, the call path ([`gateway::call`]) |
-//! | [`upstream`] | upstream MCP sessions per (account, server), forwarding, tool-list fetches |
+//! | [`upstream`] | upstream MCP sessions per (account, server, endpoint), forwarding with failover and safe retries, tool-list fetches; health probes, the status machine, circuit breakers |
 //! | [`billing`] | prices in micros, the two-phase ledger, plans and quotas, the usage log, invoices, payouts, Stripe top-ups, low-balance alerts, signed receipts |
 //! | [`auth`] | accounts, API keys and scopes, the Ed25519 signing key and upstream tokens |
 //! | [`security`] | the trust layer: SSRF policy and resolver, rate limits, concurrency caps, trust policies, encrypted upstream credentials, response scanning and redaction, the audit log (see `SECURITY.md`) |

@@ -230,6 +230,10 @@ pub async fn on_probe(app: &App, server: &Server, report: &ProbeReport) -> Resul
         Some(s) => s,
         None => return Ok(()),
     };
+    // Every probe refreshes the gauge, so a new process shows statuses within one
+    // interval.
+    metrics::gauge!("mcp_marketplace_server_status", "server" => server.slug.clone(), "status" => current.as_str())
+        .set(1.0);
     if let Some(to) = next_status(current, verdict, after) {
         let reason = match verdict {
             Verdict::Pass => format!("{} passing probes in a row", after.passes),
