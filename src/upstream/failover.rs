@@ -177,7 +177,10 @@ pub async fn send(
             }
         }
     }
-    super::health::on_call(app, server, true).await;
+    // Only attempts that ran say something about the server's health.
+    if !tried.is_empty() {
+        super::health::on_call(app, server, true).await;
+    }
     Err(SendError::Upstream(last))
 }
 
