@@ -162,6 +162,8 @@ impl App {
         if pinned > 0 {
             tracing::info!(pinned, "pinned tools cached before tool pinning existed");
         }
+        // The search index and reputation of servers written before they existed.
+        catalog.reindex_all().await?;
         let lookup: Arc<dyn Lookup> = match &config.lookup {
             Some(l) => l.clone(),
             None => Arc::new(SystemLookup::new()),
@@ -238,6 +240,8 @@ impl App {
         slug: &str,
     ) -> Result<Server, AppError> {
         let server = self.catalog.get(slug).await?;
+        // A server whose verification failed is never listed.
+        crate::market::ensure_verified(self, &server).await?;
         let fixed = self.upstream_headers(&server).await?;
         let tools = self.upstreams.fetch_tools(&server, &fixed).await?;
         self.catalog.replace_tools(&server, &tools).await?;
@@ -685,6 +689,21 @@ impl App {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(renewed = n, "booked plan fees and included credits"),
                     Err(e) => tracing::error!(error = %e, "plan renewal failed"),
+                }
+            }
+        });
+        // The reputation job (README "Reputation").
+        let app = self.clone();
+        let t = token.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(app.config.marketplace.reputation_interval);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = t.cancelled() => return,
+                }
+                if let Err(e) = app.catalog.refresh_reputations().await {
+                    tracing::error!(error = %e, "reputation job failed");
                 }
             }
         });

@@ -27,8 +27,10 @@ use crate::security::audit::{self, Actor};
 use crate::store::Store;
 
 mod alerts;
+mod market;
 mod trust;
 pub use alerts::{AlertsCommand, EmailArgs, WebhookArgs};
+pub use market::CreatorCommand;
 pub use trust::{AuditArgs, CredentialsCommand, PolicyCommand, PolicySubject, Remote};
 
 /// One MCP URL for every paid MCP server.
@@ -70,6 +72,10 @@ pub enum Command {
     Servers(ServersCommand),
     /// Register a server with a running marketplace (creators).
     Register(RegisterArgs),
+    /// Manage your own servers on a running marketplace (creators): listing, prices,
+    /// verification, probes, analytics, reviews.
+    #[command(subcommand)]
+    Creator(CreatorCommand),
     /// Read and check the ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
@@ -213,6 +219,12 @@ pub enum ServersCommand {
         /// The account.
         #[arg(long)]
         account: String,
+    },
+    /// Create or update servers from a directory of TOML manifests (tools-catalog/);
+    /// idempotent, reports what changed.
+    Sync {
+        /// The directory.
+        dir: PathBuf,
     },
 }
 
@@ -535,6 +547,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Servers(cmd) => servers(&cli, cmd, j).await,
         Command::Register(args) => register(args, j).await,
+        Command::Creator(cmd) => market::creator(cmd, j).await,
         Command::Credentials(cmd) => trust::credentials(cmd, j).await,
         Command::Policy(cmd) => {
             let app = app(&cli).await?;
@@ -787,6 +800,10 @@ async fn servers(cli: &Cli, cmd: &ServersCommand, j: bool) -> Result<ExitCode, C
                 || format!("approved {} ({} tools)", s.slug, tools.len()),
             );
         }
+        ServersCommand::Sync { dir } => {
+            let app = app(cli).await?;
+            return market::sync(&app, dir, j).await;
+        }
         ServersCommand::Suspend { slug } => {
             let app = app(cli).await?;
             let s = app.suspend_as(&Actor::cli(), slug).await?;
@@ -917,10 +934,20 @@ async fn register(args: &RegisterArgs, j: bool) -> Result<ExitCode, CliError> {
     )
     .await?;
     print(j, value.clone(), || {
+        let verified = value.pointer("/verification/ok") == Some(&json!(true));
         format!(
-            "registered '{}' ({}); it waits for review.\nX-MCP-Marketplace-Secret: {}\n(shown once: configure your server to require it)",
+            "registered '{}' ({}); verification {}{}.\nX-MCP-Marketplace-Secret: {}\n(shown once: configure your server to require it)",
             value["slug"].as_str().unwrap_or(""),
             value["status"].as_str().unwrap_or(""),
+            if verified { "passed" } else { "FAILED: " },
+            if verified {
+                String::new()
+            } else {
+                value
+                    .pointer("/verification/failed_checks")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            },
             value["secret"].as_str().unwrap_or("")
         )
     });

@@ -102,6 +102,9 @@ pub struct FileConfig {
     /// `[alerts]` and `[alerts.smtp]`.
     #[serde(default)]
     pub alerts: crate::alerts::AlertsFile,
+    /// `[marketplace]`.
+    #[serde(default)]
+    pub marketplace: MarketplaceFile,
 }
 
 /// The `[probes]` section.
@@ -111,6 +114,37 @@ pub struct ProbesFile {
     pub interval: Option<String>,
     /// Servers probed at once (default 4).
     pub concurrency: Option<usize>,
+}
+
+/// `[marketplace]` in a config file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct MarketplaceFile {
+    /// Approve servers whose registration verification passed, without an admin
+    /// (default false). `true`/`false`, also as a string from a variable.
+    pub auto_approve: Option<String>,
+    /// Interval of the reputation job, e.g. `5m`.
+    pub reputation_interval: Option<String>,
+}
+
+/// The marketplace settings (`[marketplace]`).
+#[derive(Debug, Clone)]
+pub struct MarketplaceConfig {
+    /// Approve servers whose registration verification passed without an admin.
+    pub auto_approve: bool,
+    /// How often reputation scores are recomputed.
+    pub reputation_interval: Duration,
+}
+
+/// Default interval of the reputation job.
+pub const DEFAULT_REPUTATION_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+impl Default for MarketplaceConfig {
+    fn default() -> Self {
+        Self {
+            auto_approve: false,
+            reputation_interval: DEFAULT_REPUTATION_INTERVAL,
+        }
+    }
 }
 
 /// The `[rate_limits]` section: `"N/sec"`, `"N/min"`, `"N/hour"` or `"off"` each.
@@ -271,6 +305,8 @@ pub struct Config {
     pub reliability: crate::upstream::ReliabilityConfig,
     /// Alert delivery: polling, retries, SMTP.
     pub alerts: crate::alerts::AlertsConfig,
+    /// Auto-approval and the reputation job.
+    pub marketplace: MarketplaceConfig,
 }
 
 impl Default for Config {
@@ -294,6 +330,7 @@ impl Default for Config {
             billing: BillingConfig::default(),
             reliability: crate::upstream::ReliabilityConfig::default(),
             alerts: crate::alerts::AlertsConfig::default(),
+            marketplace: MarketplaceConfig::default(),
         }
     }
 }
@@ -423,6 +460,24 @@ impl Config {
             reliability,
             alerts: crate::alerts::AlertsConfig::from_file(&file.alerts)
                 .map_err(|e| ConfigError::Invalid("alerts", e.to_string()))?,
+            marketplace: MarketplaceConfig {
+                auto_approve: match file.marketplace.auto_approve.as_deref().map(str::trim) {
+                    None => d.marketplace.auto_approve,
+                    Some("true") => true,
+                    Some("false") => false,
+                    Some(other) => {
+                        return Err(ConfigError::Invalid(
+                            "marketplace.auto_approve",
+                            format!("'{other}' is not true or false"),
+                        ));
+                    }
+                },
+                reputation_interval: duration_or(
+                    "marketplace.reputation_interval",
+                    file.marketplace.reputation_interval.as_deref(),
+                    d.marketplace.reputation_interval,
+                )?,
+            },
         })
     }
 }

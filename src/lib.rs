@@ -15,7 +15,8 @@
 //! | [`billing`] | prices in micros, the two-phase ledger, plans and quotas, the usage log, invoices, payouts, Stripe top-ups, low-balance alerts, signed receipts |
 //! | [`auth`] | accounts, API keys and scopes, the Ed25519 signing key and upstream tokens |
 //! | [`security`] | the trust layer: SSRF policy and resolver, rate limits, concurrency caps, trust policies, encrypted upstream credentials, response scanning and redaction, the audit log (see `SECURITY.md`) |
-//! | [`catalog`] | servers, endpoints, prices, status, cached tools and their namespaced names, tool pinning, installs, `tools-catalog/` manifests |
+//! | [`catalog`] | servers, endpoints, prices and price history, status, cached tools and their namespaced names, tool pinning, installs, `tools-catalog/` manifests, search, reviews, reputation, creator analytics |
+//! | [`market`] | the marketplace's workflows over those: registration with its verification probe, server views, `servers sync` |
 //! | [`store`] | the sqlx pool (SQLite or PostgreSQL), migrations, transactions |
 //! | [`api`] | the REST API (`/api/v1/…`) |
 //! | [`config`] | flags, TOML file and `MCP_MARKETPLACE_*` variables |
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod market;
 pub mod security;
 pub mod store;
 pub mod telemetry;

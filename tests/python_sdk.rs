@@ -104,12 +104,57 @@ async fn python_sdk_client_calls_tools_and_is_billed() {
     }
 }
 
+/// The Python SDK client sees `marketplace__install_server` / `uninstall_server`
+/// change its `tools/list` in an open session, announced by
+/// `notifications/tools/list_changed` (issue 5 item 4).
+#[tokio::test]
+async fn python_sdk_client_gets_list_changed_on_install_and_uninstall() {
+    let python = python_with_mcp_sdk();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/list_changed.py");
+    for backend in backends() {
+        let w = World::start(backend, FUNDS).await;
+        // The world's user starts with both servers installed: start from none.
+        for slug in ["units", "notes"] {
+            w.market.app.uninstall(&w.user.id, slug).await.unwrap();
+        }
+        let out = run_script(&python, &script, &[&w.market.mcp_url(), &w.key, "units"]).await;
+        let names = |k: &str| -> Vec<String> {
+            out[k]
+                .as_array()
+                .unwrap_or_else(|| panic!("{k} missing: {out}"))
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        };
+        assert!(
+            !names("before").iter().any(|n| n.starts_with("units__")),
+            "{out}"
+        );
+        assert!(
+            names("after_install").contains(&"units__convert".to_owned()),
+            "{out}"
+        );
+        assert!(
+            !names("after_uninstall")
+                .iter()
+                .any(|n| n.starts_with("units__")),
+            "{out}"
+        );
+        assert!(out["notifications"].as_i64().unwrap_or(0) >= 2, "{out}");
+        w.stop().await;
+    }
+}
+
 /// Runs `client.py` and parses the one JSON object it prints.
 async fn run_client(python: &Path, script: &Path, url: &str, key: &str) -> Value {
+    run_script(python, script, &[url, key]).await
+}
+
+/// Runs a Python client script with `args` and parses the one JSON object it prints.
+async fn run_script(python: &Path, script: &Path, args: &[&str]) -> Value {
     let child = tokio::process::Command::new(python)
         .arg(script)
-        .arg(url)
-        .arg(key)
+        .args(args)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(CLIENT_TIMEOUT, child)

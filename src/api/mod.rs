@@ -8,6 +8,7 @@
 //! ownership of the server they touch ([`owned_server`]).
 
 mod alerts;
+mod market;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,11 +30,11 @@ use crate::auth::keys::KeyError;
 use crate::auth::{KeyContext, Scope};
 use crate::billing::invoices::InvoiceFormat;
 use crate::billing::period::parse_instant;
-use crate::billing::pricing::{format_pricing, format_usd};
+use crate::billing::pricing::format_usd;
 use crate::billing::stripe::StripeError;
 use crate::billing::usage::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, UsageQuery};
 use crate::billing::{BillingError, Month};
-use crate::catalog::{CatalogError, NewServer, Server};
+use crate::catalog::{CatalogError, Server};
 use crate::security::audit::{self, Actor, AuditQuery};
 use crate::security::credentials::{self, CredentialError};
 
@@ -105,6 +106,76 @@ pub const ROUTES: &[Route] = &[
         "/api/v1/servers/{slug}/secret",
         Access::Scope(Scope::ServersWrite),
     ),
+    route(
+        Method::PATCH,
+        "/api/v1/servers/{slug}",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::GET,
+        "/api/v1/servers/{slug}/pricing",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::PUT,
+        "/api/v1/servers/{slug}/pricing",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::POST,
+        "/api/v1/servers/{slug}/unlist",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::POST,
+        "/api/v1/servers/{slug}/list",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::POST,
+        "/api/v1/servers/{slug}/verify",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::GET,
+        "/api/v1/servers/{slug}/verification",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::GET,
+        "/api/v1/servers/{slug}/probes",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::GET,
+        "/api/v1/servers/{slug}/analytics",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::GET,
+        "/api/v1/servers/{slug}/reviews",
+        Access::Scope(Scope::CatalogRead),
+    ),
+    route(
+        Method::POST,
+        "/api/v1/servers/{slug}/reviews",
+        Access::Scope(Scope::Invoke),
+    ),
+    route(
+        Method::POST,
+        "/api/v1/servers/{slug}/reviews/{id}/reply",
+        Access::Scope(Scope::ServersWrite),
+    ),
+    route(
+        Method::POST,
+        "/api/v1/servers/{slug}/approve",
+        Access::Scope(Scope::Admin),
+    ),
+    route(
+        Method::GET,
+        "/api/v1/tools",
+        Access::Scope(Scope::CatalogRead),
+    ),
     route(Method::GET, "/api/v1/audit", Access::Scope(Scope::Admin)),
     route(Method::GET, "/api/v1/usage", Access::AnyKey),
     route(Method::GET, "/api/v1/invoices/{month}", Access::AnyKey),
@@ -123,7 +194,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             kind,
@@ -151,6 +222,9 @@ impl From<CatalogError> for ApiError {
             CatalogError::UnknownServer(_) => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
+            CatalogError::VerificationFailed(..) => {
+                Self::new(StatusCode::CONFLICT, "verification_failed", e.to_string())
+            }
             CatalogError::Store(_) => internal(e),
             _ => Self::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
         }
@@ -173,11 +247,11 @@ impl From<BillingError> for ApiError {
     }
 }
 
-fn bad_request(message: impl Into<String>) -> ApiError {
+pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "internal error in REST API");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -247,7 +321,11 @@ pub async fn authorize(State(app): State<Arc<App>>, mut req: Request, next: Next
 
 /// The server `slug` if the key's account owns it (or the key is `admin`); otherwise
 /// `not_found`, so a key learns nothing about other creators' servers.
-async fn owned_server(app: &App, key: &KeyContext, slug: &str) -> Result<Server, ApiError> {
+pub(crate) async fn owned_server(
+    app: &App,
+    key: &KeyContext,
+    slug: &str,
+) -> Result<Server, ApiError> {
     let server = app.catalog.get(slug).await?;
     if server.owner_account_id != key.account_id && !key.has_scope(Scope::Admin) {
         return Err(CatalogError::UnknownServer(slug.to_owned()).into());
@@ -255,7 +333,7 @@ async fn owned_server(app: &App, key: &KeyContext, slug: &str) -> Result<Server,
     Ok(server)
 }
 
-fn actor(key: &KeyContext) -> Actor {
+pub(crate) fn actor(key: &KeyContext) -> Actor {
     Actor::Key {
         key_id: key.key_id.clone(),
         account: key.account_name.clone(),
@@ -267,7 +345,11 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
     Router::new()
         .route("/api/v1/account", get(account))
         .route("/api/v1/servers", get(list_servers).post(register_server))
-        .route("/api/v1/servers/{slug}", get(get_server))
+        .route(
+            "/api/v1/servers/{slug}",
+            get(get_server).patch(update_server),
+        )
+        .merge(crate::api::market::routes())
         .route(
             "/api/v1/servers/{slug}/credentials",
             get(list_credentials)
@@ -316,25 +398,58 @@ async fn account(
     .into_response())
 }
 
-fn public_server(s: &Server) -> serde_json::Value {
-    json!({
-        "slug": s.slug,
-        "name": s.name,
-        "description": s.description,
-        "categories": s.categories,
-        "status": s.status,
-        "price_micros": s.price_micros,
-        "pricing": format_pricing(s.price_micros),
-        "tool_prices_micros": s.tool_prices,
-    })
+/// The query of `GET /api/v1/servers`: full-text `q` and filters.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchParams {
+    q: Option<String>,
+    category: Option<String>,
+    /// USD, e.g. `0.05`.
+    max_price: Option<String>,
+    max_price_micros: Option<i64>,
+    status: Option<String>,
+    min_rating: Option<f64>,
+    limit: Option<usize>,
 }
 
-async fn list_servers(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    let servers = app.catalog.search("", usize::MAX).await?;
-    Ok(
-        axum::Json(json!({"servers": servers.iter().map(public_server).collect::<Vec<_>>()}))
-            .into_response(),
-    )
+/// `GET /api/v1/servers?q=…&category=…&max_price=…&status=…&min_rating=…`: listed,
+/// callable servers ranked by relevance and reputation (`catalog::search`).
+async fn list_servers(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    params: Result<Query<SearchParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(query_error)?;
+    let max_price_micros = match (&p.max_price, p.max_price_micros) {
+        (Some(usd), _) => Some(
+            crate::billing::pricing::parse_usd(usd, i64::MAX)
+                .map_err(|e| bad_request(format!("max_price: {e}")))?,
+        ),
+        (None, m) => m,
+    };
+    if p.min_rating.is_some_and(|r| !(1.0..=5.0).contains(&r)) {
+        return Err(bad_request("min_rating is between 1 and 5"));
+    }
+    let filters = crate::catalog::search::SearchFilters {
+        category: p.category,
+        max_price_micros,
+        status: p.status,
+        min_rating: p.min_rating,
+    };
+    let limit = p.limit.unwrap_or(100).clamp(1, 500);
+    let installed = app.catalog.installed_slugs(&key.account_id).await?;
+    let mut out = Vec::new();
+    for hit in app
+        .catalog
+        .search_servers(p.q.as_deref().unwrap_or(""), &filters, limit)
+        .await?
+    {
+        let installed = installed.contains(&hit.server.slug);
+        let mut v = crate::market::server_view(&app, &hit.server, installed).await?;
+        v["relevance"] = json!(hit.relevance);
+        out.push(v);
+    }
+    Ok(axum::Json(json!({"servers": out})).into_response())
 }
 
 async fn get_server(
@@ -350,33 +465,57 @@ async fn get_server(
     {
         return Err(CatalogError::UnknownServer(slug).into());
     }
-    Ok(axum::Json(public_server(&s)).into_response())
+    let installed = app
+        .catalog
+        .installed_slugs(&key.account_id)
+        .await?
+        .contains(&s.slug);
+    Ok(axum::Json(crate::market::server_detail(&app, &s, installed).await?).into_response())
 }
 
-/// The body of `POST /api/v1/servers`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterBody {
-    name: String,
-    #[serde(default)]
-    slug: Option<String>,
-    #[serde(default)]
-    description: String,
-    #[serde(default)]
-    categories: Vec<String>,
-    #[serde(default)]
-    endpoint: Option<String>,
-    #[serde(default)]
-    endpoints: Vec<String>,
-    pricing: String,
-    #[serde(default)]
-    tool_prices: BTreeMap<String, String>,
-    /// A duration such as `30s`.
-    #[serde(default)]
-    timeout: Option<String>,
-    /// Upstream credential headers, name → value (stored encrypted).
-    #[serde(default)]
-    credentials: BTreeMap<String, String>,
+/// `PATCH /api/v1/servers/{slug}`: the owner changes name, description, categories,
+/// endpoints or timeout (`catalog::creator::ServerUpdate`, with `timeout` as `30s`).
+async fn update_server(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyContext>,
+    Path(slug): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let server = owned_server(&app, &key, &slug).await?;
+    let mut body: serde_json::Value = parse_body(&headers, &body)?;
+    if let Some(t) = body
+        .get("timeout")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+    {
+        let ms = crate::market::timeout_ms(&t)?;
+        if let Some(o) = body.as_object_mut() {
+            o.remove("timeout");
+            o.insert("timeout_ms".into(), json!(ms));
+        }
+    }
+    let update: crate::catalog::creator::ServerUpdate =
+        serde_json::from_value(body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("invalid body: {e}"),
+            )
+        })?;
+    let updated = app.catalog.update(&server, &update, &app.policy).await?;
+    if update.endpoints.is_some() {
+        app.upstreams.close_server(&server.id).await;
+    }
+    let _ = audit::record(
+        &app.store,
+        &actor(&key),
+        "server.update",
+        &slug,
+        json!({"endpoints_changed": update.endpoints.is_some()}),
+    )
+    .await;
+    Ok(axum::Json(crate::market::server_view(&app, &updated, false).await?).into_response())
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -395,7 +534,11 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(
+/// Parses a JSON body (`Content-Type: application/json`).
+///
+/// # Errors
+/// 415 without the JSON content type, 400 `invalid_json` for a body of another shape.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<T, ApiError> {
@@ -409,59 +552,17 @@ fn parse_body<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// `POST /api/v1/servers`: registration (`market::register`, the one code path).
 async fn register_server(
     State(app): State<Arc<App>>,
     Extension(key): Extension<KeyContext>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: RegisterBody = parse_body(&headers, &body)?;
-    // Credentials are checked before anything is written.
-    let creds: Vec<(String, String)> = body.credentials.into_iter().collect();
-    credentials::validate(&creds)?;
-    let timeout_ms = match &body.timeout {
-        Some(t) => Some(
-            humantime::parse_duration(t)
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "invalid timeout (e.g. 30s)",
-                    )
-                })?
-                .as_millis()
-                .min(i64::MAX as u128) as i64,
-        ),
-        None => None,
-    };
-    let mut endpoints = body.endpoints;
-    if let Some(e) = body.endpoint {
-        endpoints.insert(0, e);
-    }
-    let new = NewServer {
-        name: body.name,
-        slug: body.slug,
-        description: body.description,
-        categories: body.categories,
-        endpoints,
-        pricing: body.pricing,
-        tool_prices: body.tool_prices,
-        timeout_ms,
-    };
-    let (server, secret) = app
-        .catalog
-        .register(&key.account_id, &new, &app.policy)
-        .await?;
-    if !creds.is_empty() {
-        app.set_credentials(&actor(&key), &server.slug, &creds)
-            .await?;
-    }
-    tracing::info!(slug = %server.slug, "server registered, pending review");
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"slug": server.slug, "status": server.status, "secret": secret})),
-    )
-        .into_response())
+    let request: crate::market::RegisterRequest = parse_body(&headers, &body)?;
+    let registration =
+        crate::market::register(&app, &actor(&key), &key.account_id, request).await?;
+    Ok((StatusCode::CREATED, axum::Json(registration.to_json())).into_response())
 }
 
 /// The body of `PUT /api/v1/servers/{slug}/credentials`.
@@ -571,7 +672,7 @@ async fn subject_account(
     }
 }
 
-fn query_error(e: QueryRejection) -> ApiError {
+pub(crate) fn query_error(e: QueryRejection) -> ApiError {
     bad_request(format!("invalid query: {}", e.body_text()))
 }
 

@@ -9,9 +9,13 @@
 //! an upstream's tool list goes through [`Catalog::replace_tools`], which holds back a
 //! new or changed tool and records the change.
 
+pub mod creator;
 pub mod manifest;
 pub mod namespace;
 pub mod pins;
+pub mod reputation;
+pub mod reviews;
+pub mod search;
 
 use std::collections::BTreeMap;
 
@@ -115,6 +119,12 @@ pub enum CatalogError {
     /// The server cannot be installed or called in its status.
     #[error("server '{0}' is {1} and cannot be used")]
     NotAvailable(String, &'static str),
+    /// The server's verification failed; it cannot be approved until a verification
+    /// passes.
+    #[error(
+        "server '{0}' failed its verification ({1}); fix the server and run the verification again"
+    )]
+    VerificationFailed(String, String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -155,6 +165,8 @@ pub struct Server {
     pub endpoints: Vec<String>,
     /// Creation time, epoch ms.
     pub created_at: i64,
+    /// False when the creator unlisted it: hidden from search and new installs.
+    pub listed: bool,
 }
 
 impl Server {
@@ -256,6 +268,101 @@ pub fn generate_secret() -> String {
     )
 }
 
+/// Checks a display name: 1-100 printable characters after trimming. Returns it trimmed.
+///
+/// # Errors
+/// [`CatalogError::InvalidField`].
+pub fn validate_name(name: &str) -> Result<&str, CatalogError> {
+    let name = name.trim();
+    if name.is_empty()
+        || name.chars().count() > MAX_NAME_LEN
+        || name.chars().any(|c| c.is_control() || is_invisible(c))
+    {
+        return Err(CatalogError::InvalidField(
+            "name: 1-100 printable characters",
+        ));
+    }
+    Ok(name)
+}
+
+/// Checks a description: at most 2000 printable characters (newlines and tabs allowed).
+///
+/// # Errors
+/// [`CatalogError::InvalidField`].
+pub fn validate_description(description: &str) -> Result<(), CatalogError> {
+    if description.chars().count() > MAX_DESCRIPTION_LEN
+        || description
+            .chars()
+            .any(|c| (c.is_control() && !matches!(c, '\n' | '\t')) || is_invisible(c))
+    {
+        return Err(CatalogError::InvalidField(
+            "description: at most 2000 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Normalizes and checks categories: trimmed, lowercase, empty ones dropped; at most 10,
+/// each 1-40 characters without commas.
+///
+/// # Errors
+/// [`CatalogError::InvalidField`].
+pub fn validate_categories(categories: &[String]) -> Result<Vec<String>, CatalogError> {
+    let categories: Vec<String> = categories
+        .iter()
+        .map(|c| c.trim().to_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if categories.iter().any(|c| {
+        c.len() > 40 || c.contains(',') || c.chars().any(|c| c.is_control() || is_invisible(c))
+    }) || categories.len() > 10
+    {
+        return Err(CatalogError::InvalidField(
+            "categories: at most 10, each 1-40 characters without commas",
+        ));
+    }
+    Ok(categories)
+}
+
+/// Checks 1 to [`MAX_ENDPOINTS`] endpoint URLs against the SSRF `policy` (resolving
+/// them). Returns them normalized.
+///
+/// # Errors
+/// [`CatalogError::InvalidField`], [`CatalogError::Endpoint`].
+pub async fn validate_endpoints(
+    endpoints: &[String],
+    policy: &EndpointPolicy,
+) -> Result<Vec<String>, CatalogError> {
+    if endpoints.is_empty() || endpoints.len() > MAX_ENDPOINTS {
+        return Err(CatalogError::InvalidField(
+            "endpoints: between 1 and 8 URLs",
+        ));
+    }
+    let mut out = Vec::with_capacity(endpoints.len());
+    for e in endpoints {
+        out.push(policy.check_resolved(e).await?.to_string());
+    }
+    Ok(out)
+}
+
+/// Parses a per-tool price override (`0.05`, `free` or `0.05_per_request`) for `tool`
+/// (1-128 printable characters), in micros.
+///
+/// # Errors
+/// [`CatalogError::InvalidField`], [`CatalogError::Price`].
+pub fn parse_tool_price(tool: &str, price: &str) -> Result<i64, CatalogError> {
+    if tool.is_empty()
+        || tool.len() > 128
+        || tool.chars().any(|c| c.is_control() || is_invisible(c))
+    {
+        return Err(CatalogError::InvalidField(
+            "tool price: a tool name of 1-128 characters",
+        ));
+    }
+    Ok(pricing::parse_pricing(price)
+        .or_else(|_| pricing::parse_usd(price, pricing::MAX_PRICE_MICROS))?)
+}
+
 /// The catalog over a [`Store`]. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -267,7 +374,7 @@ macro_rules! select_servers {
     ($tail:literal) => {
         concat!(
             "SELECT id, slug, name, description, categories, owner_account_id, price_micros, status, \
-             timeout_ms, created_at FROM servers ",
+             timeout_ms, created_at, listed, next_price_change_at FROM servers ",
             $tail
         )
     };
@@ -308,25 +415,8 @@ impl Catalog {
         new: &NewServer,
         policy: &EndpointPolicy,
     ) -> Result<(Server, String), CatalogError> {
-        let name = new.name.trim();
-        if name.is_empty()
-            || name.chars().count() > MAX_NAME_LEN
-            || name.chars().any(|c| c.is_control() || is_invisible(c))
-        {
-            return Err(CatalogError::InvalidField(
-                "name: 1-100 printable characters",
-            ));
-        }
-        if new.description.chars().count() > MAX_DESCRIPTION_LEN
-            || new
-                .description
-                .chars()
-                .any(|c| (c.is_control() && !matches!(c, '\n' | '\t')) || is_invisible(c))
-        {
-            return Err(CatalogError::InvalidField(
-                "description: at most 2000 printable characters",
-            ));
-        }
+        let name = validate_name(&new.name)?;
+        validate_description(&new.description)?;
         let slug = match &new.slug {
             Some(s) => s.clone(),
             None => slug_from_name(name),
@@ -334,48 +424,17 @@ impl Catalog {
         if !is_valid_slug(&slug) || slug == "marketplace" {
             return Err(CatalogError::InvalidSlug(slug));
         }
-        if new.endpoints.is_empty() || new.endpoints.len() > MAX_ENDPOINTS {
-            return Err(CatalogError::InvalidField(
-                "endpoints: between 1 and 8 URLs",
-            ));
-        }
-        let mut endpoints = Vec::with_capacity(new.endpoints.len());
-        for e in &new.endpoints {
-            endpoints.push(policy.check_resolved(e).await?.to_string());
-        }
+        let endpoints = validate_endpoints(&new.endpoints, policy).await?;
         let price_micros = pricing::parse_pricing(&new.pricing)?;
         let mut tool_prices = BTreeMap::new();
         for (tool, price) in &new.tool_prices {
-            if tool.is_empty()
-                || tool.len() > 128
-                || tool.chars().any(|c| c.is_control() || is_invisible(c))
-            {
-                return Err(CatalogError::InvalidField(
-                    "tool price: a tool name of 1-128 characters",
-                ));
-            }
-            let micros = pricing::parse_pricing(price)
-                .or_else(|_| pricing::parse_usd(price, pricing::MAX_PRICE_MICROS))?;
-            tool_prices.insert(tool.clone(), micros);
+            tool_prices.insert(tool.clone(), parse_tool_price(tool, price)?);
         }
         let timeout_ms = new.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
         if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
             return Err(CatalogError::InvalidTimeout);
         }
-        let categories: Vec<String> = new
-            .categories
-            .iter()
-            .map(|c| c.trim().to_lowercase())
-            .filter(|c| !c.is_empty())
-            .collect();
-        if categories.iter().any(|c| {
-            c.len() > 40 || c.contains(',') || c.chars().any(|c| c.is_control() || is_invisible(c))
-        }) || categories.len() > 10
-        {
-            return Err(CatalogError::InvalidField(
-                "categories: at most 10, each 1-40 characters without commas",
-            ));
-        }
+        let categories = validate_categories(&new.categories)?;
         let now = now_ms();
         let server = Server {
             id: uuid::Uuid::now_v7().to_string(),
@@ -390,6 +449,7 @@ impl Catalog {
             timeout_ms,
             endpoints,
             created_at: now,
+            listed: true,
         };
         let secret = generate_secret();
         let mut tx = self.store.begin().await?;
@@ -438,6 +498,10 @@ impl Catalog {
             .execute(&mut *tx)
             .await?;
         }
+        // The price history starts with the registered prices.
+        creator::record_applied_prices(&mut tx, &server.id, price_micros, &server.tool_prices, now)
+            .await?;
+        search::reindex(&mut tx, self.store.backend(), &server.id).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok((server, secret))
     }
@@ -452,6 +516,17 @@ impl Catalog {
                 .into_iter()
                 .map(|r| r.try_get(0))
                 .collect::<Result<Vec<String>, _>>()?;
+        let mut price_micros: i64 = row.try_get(6)?;
+        let next_change: Option<i64> = row.try_get(11)?;
+        if next_change.is_some_and(|t| t <= now_ms()) {
+            // A scheduled price change fell due: apply it before anyone reads the price.
+            self.apply_due_prices(&id).await?;
+            price_micros = sqlx::query("SELECT price_micros FROM servers WHERE id = $1")
+                .bind(&id)
+                .fetch_one(self.store.pool())
+                .await?
+                .try_get(0)?;
+        }
         let mut tool_prices = BTreeMap::new();
         for r in sqlx::query("SELECT tool, price_micros FROM tool_prices WHERE server_id = $1")
             .bind(&id)
@@ -472,12 +547,13 @@ impl Catalog {
                 .map(str::to_owned)
                 .collect(),
             owner_account_id: row.try_get(5)?,
-            price_micros: row.try_get(6)?,
+            price_micros,
             tool_prices,
             status: ServerStatus::parse(&row.try_get::<String, _>(7)?),
             timeout_ms: row.try_get(8)?,
             endpoints,
             created_at: row.try_get(9)?,
+            listed: row.try_get::<i64, _>(10)? == 1,
         })
     }
 
@@ -557,29 +633,6 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Callable servers whose slug, name, description or categories contain `query`
-    /// (case-insensitive; empty matches all), at most `limit`, by slug.
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn search(&self, query: &str, limit: usize) -> Result<Vec<Server>, CatalogError> {
-        let q = query.trim().to_lowercase();
-        Ok(self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|s| s.status.is_callable())
-            .filter(|s| {
-                q.is_empty()
-                    || s.slug.contains(&q)
-                    || s.name.to_lowercase().contains(&q)
-                    || s.description.to_lowercase().contains(&q)
-                    || s.categories.iter().any(|c| c.contains(&q))
-            })
-            .take(limit)
-            .collect())
-    }
-
     /// The per-server `X-MCP-Marketplace-Secret` (server-side only; never shown again).
     ///
     /// # Errors
@@ -627,6 +680,9 @@ impl Catalog {
                 slug.to_owned(),
                 server.status.as_str(),
             ));
+        }
+        if !server.listed {
+            return Err(CatalogError::NotAvailable(slug.to_owned(), "unlisted"));
         }
         let n = sqlx::query(
             "INSERT INTO installs (account_id, server_id, created_at) VALUES ($1, $2, $3) \
@@ -718,6 +774,9 @@ impl Catalog {
             .bind(&server.id)
             .execute(&mut *tx)
             .await?;
+        if changed {
+            search::reindex(&mut tx, self.store.backend(), &server.id).await?;
+        }
         tx.commit().await.map_err(StoreError::from)?;
         Ok(changed)
     }
@@ -740,8 +799,9 @@ impl Catalog {
         .collect::<Result<_, _>>()?)
     }
 
-    /// The tools `account_id` sees on `/mcp`: those of its installed, callable servers,
-    /// by slug then upstream order.
+    /// The tools `account_id` sees on `/mcp`: those of its installed, callable servers
+    /// (only the ones it chose at install time, when it chose), by slug then upstream
+    /// order.
     ///
     /// # Errors
     /// [`CatalogError::Store`].
@@ -752,6 +812,8 @@ impl Catalog {
         let rows = sqlx::query(select_visible_tools!(
             "JOIN installs i ON i.server_id = s.id \
                  WHERE i.account_id = $1 AND s.status IN ('active', 'degraded', 'recovered') \
+                 AND (NOT EXISTS (SELECT 1 FROM install_tools x WHERE x.account_id = i.account_id AND x.server_id = i.server_id) \
+                      OR EXISTS (SELECT 1 FROM install_tools x WHERE x.account_id = i.account_id AND x.server_id = i.server_id AND x.tool = t.name)) \
                  ORDER BY s.slug, t.position"
         ))
         .bind(account_id)

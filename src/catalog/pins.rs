@@ -342,6 +342,9 @@ impl Catalog {
             resolve(&mut tx, server_id, &name, "approved", now).await?;
             pinned.push(name);
         }
+        if !pinned.is_empty() {
+            super::search::reindex(&mut tx, self.store.backend(), server_id).await?;
+        }
         tx.commit().await.map_err(StoreError::from)?;
         Ok(pinned)
     }

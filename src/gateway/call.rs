@@ -20,6 +20,7 @@
 //!    JSON-RPC error, `isError: true`, blocked content, client cancellation);
 //! 8. attach the signed receipt.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rmcp::model::{
@@ -51,7 +52,7 @@ use crate::upstream::client::{REQUEST_ID_HEADER, TOKEN_HEADER, headers};
 /// tool the key may not use) or an internal failure. Every other failure is a tool
 /// result with `isError: true` and `_meta["mcp-marketplace/error"]`.
 pub async fn call_tool(
-    app: &App,
+    app: &Arc<App>,
     caller: &Caller,
     request: CallToolRequestParams,
     ctx: &RequestContext<RoleServer>,
@@ -65,14 +66,43 @@ pub async fn call_tool(
         if !key.allows_tool(&name) {
             return Err(unknown_tool(&name));
         }
+        if name == super::tools::CALL_TOOL {
+            // `marketplace__call_tool`: any approved tool, without an install.
+            if !key.has_scope(Scope::Invoke) {
+                return Err(unknown_tool(&name));
+            }
+            return match super::tools::call_tool_target(key, args) {
+                Ok((target, args)) => call_upstream(app, caller, target, args, ctx, true).await,
+                Err(refused) => Ok(refused),
+            };
+        }
         return call_marketplace(app, caller, &name, args).await;
     }
+    call_upstream(app, caller, name, args, ctx, false).await
+}
+
+/// Steps 1 (scope) to 8 for an upstream tool `name`; `any_server` resolves it among
+/// every listed server instead of the installed ones (`marketplace__call_tool`).
+async fn call_upstream(
+    app: &App,
+    caller: &Caller,
+    name: String,
+    args: serde_json::Map<String, Value>,
+    ctx: &RequestContext<RoleServer>,
+    any_server: bool,
+) -> Result<CallToolResult, ErrorData> {
+    let key = &caller.key;
     if !key.has_scope(Scope::Invoke) {
         return Err(unknown_tool(&name));
     }
 
     // 2. Resolve.
     let (server, tool) = match &caller.slug {
+        None if any_server => app
+            .catalog
+            .resolve_any(&key.account_id, &name)
+            .await
+            .map_err(internal)?,
         None => app
             .catalog
             .resolve(&key.account_id, &name)

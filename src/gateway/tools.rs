@@ -5,6 +5,7 @@
 //! neither listed nor callable.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rmcp::ErrorData;
 use rmcp::model::{CallToolResult, ContentBlock, MetaObject, Tool};
@@ -14,7 +15,7 @@ use super::Caller;
 use crate::app::App;
 use crate::auth::Scope;
 use crate::billing::Month;
-use crate::billing::pricing::{format_pricing, format_usd};
+use crate::billing::pricing::format_usd;
 use crate::catalog::{CatalogTool, Server};
 
 /// `_meta` key of a tool's price.
@@ -23,8 +24,11 @@ pub const PRICE_META_KEY: &str = "mcp-marketplace/price";
 pub const ERROR_META_KEY: &str = "mcp-marketplace/error";
 /// Prefix of the marketplace's own tools.
 pub const MARKETPLACE_PREFIX: &str = "marketplace__";
-/// Most servers `marketplace__search_servers` returns.
+/// Most servers `marketplace__search_servers` and tools `marketplace__search_tools`
+/// return.
 const MAX_SEARCH_RESULTS: usize = 50;
+/// The name of `marketplace__call_tool` (run by the call path itself, `gateway::call`).
+pub const CALL_TOOL: &str = "marketplace__call_tool";
 
 /// A JSON-RPC error for an unknown tool, and equally for one the key may not use
 /// (DESIGN.md "Errors a client sees": a key never learns what it cannot call).
@@ -188,10 +192,17 @@ pub fn marketplace_tools() -> Vec<(Tool, Option<Scope>)> {
         (
             tool(
                 "search_servers",
-                "Search the marketplace's MCP servers by keyword (name, description, category). Returns \
-                 each server's slug, description, price per call, tools and whether you installed it.",
+                "Search the marketplace's MCP servers by what you need (full-text over names, descriptions, \
+                 categories and tool descriptions), ranked by relevance and reputation. Filters: category, \
+                 max_price_micros (price per call ceiling, micros of USD), status, min_rating (1-5). Returns \
+                 each server's slug, description, price, reputation (uptime, success rate, latency grade, \
+                 rating), tools and whether you installed it.",
                 json!({"type": "object", "properties": {
-                    "query": {"type": "string", "description": "Keywords; empty lists every server."},
+                    "query": {"type": "string", "description": "What you need, e.g. 'weather forecast'; empty lists every server."},
+                    "category": {"type": "string"},
+                    "max_price_micros": {"type": "integer", "minimum": 0},
+                    "status": {"type": "string", "enum": ["active", "degraded", "recovered"]},
+                    "min_rating": {"type": "number", "minimum": 1, "maximum": 5},
                     "limit": {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_RESULTS}
                 }}),
                 true,
@@ -201,7 +212,8 @@ pub fn marketplace_tools() -> Vec<(Tool, Option<Scope>)> {
         (
             tool(
                 "get_server",
-                "Details of one marketplace server: description, price per call, per-tool prices and tools.",
+                "Details of one marketplace server: description, price per call, per-tool prices, tools, \
+                 reputation (uptime, success rate, latency grade, rating) and reviews.",
                 slug_schema.clone(),
                 true,
             ),
@@ -209,10 +221,42 @@ pub fn marketplace_tools() -> Vec<(Tool, Option<Scope>)> {
         ),
         (
             tool(
+                "search_tools",
+                "Find tools across the whole marketplace for a task, described in words (e.g. 'convert \
+                 kilometres to miles'). Returns namespaced tool names with their server, description, input \
+                 schema and price. Call one at once with marketplace__call_tool, or install its server.",
+                json!({"type": "object", "properties": {
+                    "query": {"type": "string", "description": "The task, in words."},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_RESULTS}
+                }, "required": ["query"]}),
+                true,
+            ),
+            Some(Scope::CatalogRead),
+        ),
+        (
+            tool(
+                "call_tool",
+                "Call any approved marketplace tool by its namespaced name ({slug}__{tool}) without installing \
+                 its server. Charged exactly like a direct call (see the tool's price).",
+                json!({"type": "object", "properties": {
+                    "name": {"type": "string", "description": "A namespaced tool name, e.g. 'units__convert'."},
+                    "arguments": {"type": "object", "description": "The tool's arguments."}
+                }, "required": ["name"]}),
+                false,
+            ),
+            Some(Scope::Invoke),
+        ),
+        (
+            tool(
                 "install_server",
                 "Install a marketplace server: its tools appear in this tool list as {slug}__{tool} \
-                 (a tools/list_changed notification follows). Installing is free; calls are charged.",
-                slug_schema.clone(),
+                 (a tools/list_changed notification follows). Give 'tools' to list only some of them. \
+                 Installing is free; calls are charged.",
+                json!({"type": "object", "properties": {
+                    "slug": {"type": "string", "description": "The server's slug, e.g. 'unit-converter'."},
+                    "tools": {"type": "array", "items": {"type": "string"},
+                              "description": "Only these of its tools (upstream names); default all."}
+                }, "required": ["slug"]}),
                 false,
             ),
             Some(Scope::Invoke),
@@ -221,10 +265,62 @@ pub fn marketplace_tools() -> Vec<(Tool, Option<Scope>)> {
             tool(
                 "uninstall_server",
                 "Uninstall a marketplace server: its tools leave this tool list.",
-                slug_schema,
+                slug_schema.clone(),
                 false,
             ),
             Some(Scope::Invoke),
+        ),
+        (
+            tool(
+                "rate_server",
+                "Rate a server you made at least one paid call to: 1-5 stars and an optional review. \
+                 Rating again edits your review.",
+                json!({"type": "object", "properties": {
+                    "slug": {"type": "string"},
+                    "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+                    "review": {"type": "string", "maxLength": 2000}
+                }, "required": ["slug", "rating"]}),
+                false,
+            ),
+            Some(Scope::Invoke),
+        ),
+        (
+            tool(
+                "register_server",
+                "Register your MCP server with the marketplace (creators). It is verified at once \
+                 (handshake, tools/list, schemas) and waits for review unless auto-approved. Returns the \
+                 X-MCP-Marketplace-Secret your server must require, shown this once, and the verification \
+                 report.",
+                json!({"type": "object", "properties": {
+                    "name": {"type": "string"},
+                    "slug": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,31}$"},
+                    "description": {"type": "string"},
+                    "categories": {"type": "array", "items": {"type": "string"}},
+                    "endpoint": {"type": "string", "description": "The server's streamable-HTTP URL."},
+                    "endpoints": {"type": "array", "items": {"type": "string"}},
+                    "pricing": {"type": "string", "description": "'free' or e.g. '0.02_per_request' (USD)."},
+                    "tool_prices": {"type": "object", "additionalProperties": {"type": "string"},
+                                    "description": "Per-tool USD prices, e.g. {\"create_event\": \"0.05\"}."},
+                    "timeout": {"type": "string", "description": "Per-call timeout, e.g. '30s'."},
+                    "credentials": {"type": "object", "additionalProperties": {"type": "string"},
+                                    "description": "Headers the marketplace sends to your server (stored encrypted)."}
+                }, "required": ["name", "pricing"]}),
+                false,
+            ),
+            Some(Scope::ServersWrite),
+        ),
+        (
+            tool(
+                "server_analytics",
+                "Analytics of one of your servers (creators): calls per day, earnings, error rate, p50/p95 \
+                 latency, per tool; plus its status, verification and reputation.",
+                json!({"type": "object", "properties": {
+                    "slug": {"type": "string"},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 90}
+                }, "required": ["slug"]}),
+                true,
+            ),
+            Some(Scope::ServersWrite),
         ),
     ]
 }
@@ -271,26 +367,54 @@ fn merge(out: &mut Value, extra: Value) {
     }
 }
 
-fn server_summary(s: &Server, installed: bool, tools: &[CatalogTool]) -> Value {
-    json!({
-        "slug": s.slug,
-        "name": s.name,
-        "description": s.description,
-        "categories": s.categories,
-        "price_micros": s.price_micros,
-        "pricing": format_pricing(s.price_micros),
-        "tool_prices_micros": s.tool_prices,
-        "installed": installed,
-        "tools": tools.iter().map(|t| json!({
-            "name": t.namespaced_name,
-            "description": t.definition.get("description"),
-            "price_micros": s.price_of(&t.name),
-        })).collect::<Vec<_>>(),
-    })
-}
-
 fn slug_arg(args: &serde_json::Map<String, Value>) -> Option<&str> {
     args.get("slug").and_then(Value::as_str)
+}
+
+fn limit_arg(args: &serde_json::Map<String, Value>) -> usize {
+    args.get("limit")
+        .and_then(Value::as_u64)
+        .map_or(MAX_SEARCH_RESULTS, |l| {
+            (l.min(MAX_SEARCH_RESULTS as u64) as usize).max(1)
+        })
+}
+
+/// The target of `marketplace__call_tool`: its `name` and `arguments`, or a tool error
+/// result for bad arguments (the call path then runs the target like a direct call).
+///
+/// # Errors
+/// A tool error result (`invalid_arguments`) when `name` is missing, names a
+/// marketplace tool, or `arguments` is not an object.
+pub fn call_tool_target(
+    _key: &crate::auth::KeyContext,
+    mut args: serde_json::Map<String, Value>,
+) -> Result<(String, serde_json::Map<String, Value>), CallToolResult> {
+    let Some(name) = args.get("name").and_then(Value::as_str).map(str::to_owned) else {
+        return Err(tool_error(
+            "invalid_arguments",
+            "Give the namespaced tool name in 'name', e.g. 'units__convert'.".into(),
+            None,
+        ));
+    };
+    if name.starts_with(MARKETPLACE_PREFIX) {
+        return Err(tool_error(
+            "invalid_arguments",
+            "marketplace__call_tool calls server tools; call marketplace tools directly.".into(),
+            None,
+        ));
+    }
+    let arguments = match args.remove("arguments") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(o)) => o,
+        Some(_) => {
+            return Err(tool_error(
+                "invalid_arguments",
+                "Give 'arguments' as an object.".into(),
+                None,
+            ));
+        }
+    };
+    Ok((name, arguments))
 }
 
 /// Runs marketplace tool `name` (already checked to be one) for `caller`.
@@ -299,7 +423,7 @@ fn slug_arg(args: &serde_json::Map<String, Value>) -> Option<&str> {
 /// [`unknown_tool`] when it does not exist or the key lacks its scope; an internal
 /// error when the store fails.
 pub async fn call_marketplace(
-    app: &App,
+    app: &Arc<App>,
     caller: &Caller,
     name: &str,
     args: serde_json::Map<String, Value>,
@@ -360,25 +484,132 @@ pub async fn call_marketplace(
         }
         "search_servers" => {
             let query = args.get("query").and_then(Value::as_str).unwrap_or("");
-            let limit = args
-                .get("limit")
-                .and_then(Value::as_u64)
-                .map_or(MAX_SEARCH_RESULTS, |l| {
-                    (l as usize).clamp(1, MAX_SEARCH_RESULTS)
-                });
+            let limit = limit_arg(&args);
+            let filters = crate::catalog::search::SearchFilters {
+                category: args
+                    .get("category")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                max_price_micros: args.get("max_price_micros").and_then(Value::as_i64),
+                status: args
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                min_rating: args.get("min_rating").and_then(Value::as_f64),
+            };
             let installed = app
                 .catalog
                 .installed_slugs(&key.account_id)
                 .await
                 .map_err(internal)?;
             let mut out = Vec::new();
-            for s in app.catalog.search(query, limit).await.map_err(internal)? {
-                let tools = app.catalog.tools_of_server(&s.id).await.map_err(internal)?;
-                out.push(server_summary(&s, installed.contains(&s.slug), &tools));
+            for hit in app
+                .catalog
+                .search_servers(query, &filters, limit)
+                .await
+                .map_err(internal)?
+            {
+                let s = &hit.server;
+                let mut v = crate::market::server_view(app, s, installed.contains(&s.slug))
+                    .await
+                    .map_err(internal)?;
+                v["relevance"] = json!(hit.relevance);
+                out.push(v);
             }
             Ok(ok(json!({ "servers": out })))
         }
-        "get_server" | "install_server" | "uninstall_server" => {
+        "search_tools" => {
+            let query = args.get("query").and_then(Value::as_str).unwrap_or("");
+            if crate::catalog::search::query_words(query).is_empty() {
+                return Ok(tool_error(
+                    "invalid_arguments",
+                    "Describe the task in 'query', e.g. 'convert kilometres to miles'.".into(),
+                    None,
+                ));
+            }
+            let installed = app
+                .catalog
+                .installed_slugs(&key.account_id)
+                .await
+                .map_err(internal)?;
+            let mut out = Vec::new();
+            let mut servers: HashMap<String, Server> = HashMap::new();
+            for hit in app
+                .catalog
+                .search_tools(query, limit_arg(&args))
+                .await
+                .map_err(internal)?
+            {
+                if !servers.contains_key(&hit.server_id) {
+                    let s = app
+                        .catalog
+                        .get_by_id(&hit.server_id)
+                        .await
+                        .map_err(internal)?;
+                    servers.insert(hit.server_id.clone(), s);
+                }
+                let Some(server) = servers.get(&hit.server_id) else {
+                    continue;
+                };
+                let Some(t) = app
+                    .catalog
+                    .tool_of_server(&server.id, &hit.tool)
+                    .await
+                    .map_err(internal)?
+                else {
+                    continue;
+                };
+                if !key.allows_tool(&t.namespaced_name) {
+                    continue;
+                }
+                let price = if server.owner_account_id == key.account_id {
+                    0
+                } else {
+                    server.price_of(&t.name)
+                };
+                out.push(json!({
+                    "name": t.namespaced_name,
+                    "server": server.slug,
+                    "server_name": server.name,
+                    "description": t.definition.get("description"),
+                    "inputSchema": t.definition.get("inputSchema"),
+                    "price_micros": price,
+                    "installed": installed.contains(&server.slug),
+                }));
+            }
+            Ok(ok(json!({ "tools": out })))
+        }
+        "register_server" => {
+            let request: crate::market::RegisterRequest =
+                match serde_json::from_value(Value::Object(args)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Ok(tool_error(
+                            "invalid_arguments",
+                            format!("Invalid registration: {e}."),
+                            None,
+                        ));
+                    }
+                };
+            let actor = crate::security::audit::Actor::Key {
+                key_id: key.key_id.clone(),
+                account: key.account_name.clone(),
+            };
+            match crate::market::register(app, &actor, &key.account_id, request).await {
+                Ok(r) => Ok(ok(r.to_json())),
+                Err(crate::app::AppError::Catalog(e))
+                    if !matches!(e, crate::catalog::CatalogError::Store(_)) =>
+                {
+                    Ok(tool_error("invalid_arguments", format!("{e}."), None))
+                }
+                Err(crate::app::AppError::Credential(e)) => {
+                    Ok(tool_error("invalid_arguments", format!("{e}."), None))
+                }
+                Err(e) => Err(internal(e)),
+            }
+        }
+        "get_server" | "install_server" | "uninstall_server" | "rate_server"
+        | "server_analytics" => {
             let Some(slug) = slug_arg(&args) else {
                 return Ok(tool_error(
                     "invalid_arguments",
@@ -387,44 +618,113 @@ pub async fn call_marketplace(
                 ));
             };
             let server = match app.catalog.get(slug).await {
-                Ok(s) if s.status.is_callable() || short == "uninstall_server" => s,
-                _ => {
-                    return Ok(tool_error(
-                        "unknown_server",
-                        format!(
-                            "There is no available server '{}'. Use marketplace__search_servers to find one.",
-                            slug.chars().take(64).collect::<String>()
-                        ),
-                        None,
-                    ));
+                Ok(s) if short == "server_analytics" => {
+                    if s.owner_account_id != key.account_id && !key.has_scope(Scope::Admin) {
+                        None
+                    } else {
+                        Some(s)
+                    }
                 }
+                Ok(s) if s.status.is_callable() || short == "uninstall_server" => Some(s),
+                _ => None,
             };
+            let Some(server) = server else {
+                return Ok(tool_error(
+                    "unknown_server",
+                    format!(
+                        "There is no available server '{}'. Use marketplace__search_servers to find one.",
+                        slug.chars().take(64).collect::<String>()
+                    ),
+                    None,
+                ));
+            };
+            let installed = app
+                .catalog
+                .installed_slugs(&key.account_id)
+                .await
+                .map_err(internal)?
+                .contains(&server.slug);
             match short {
-                "get_server" => {
-                    let installed = app
-                        .catalog
-                        .installed_slugs(&key.account_id)
-                        .await
-                        .map_err(internal)?;
-                    let tools = app
-                        .catalog
-                        .tools_of_server(&server.id)
-                        .await
-                        .map_err(internal)?;
-                    Ok(ok(server_summary(
-                        &server,
-                        installed.contains(&server.slug),
-                        &tools,
-                    )))
-                }
+                "get_server" => Ok(ok(crate::market::server_detail(app, &server, installed)
+                    .await
+                    .map_err(internal)?)),
                 "install_server" => {
-                    let added = app
-                        .install(&key.account_id, &server.slug)
+                    let tools: Option<Vec<String>> = match args.get("tools") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => match serde_json::from_value(v.clone()) {
+                            Ok(t) => Some(t),
+                            Err(_) => {
+                                return Ok(tool_error(
+                                    "invalid_arguments",
+                                    "Give 'tools' as a list of tool names.".into(),
+                                    None,
+                                ));
+                            }
+                        },
+                    };
+                    match app
+                        .install_choosing(&key.account_id, &server, tools.as_deref())
+                        .await
+                    {
+                        Ok(added) => Ok(ok(
+                            json!({"slug": server.slug, "installed": true, "changed": added, "tools": tools}),
+                        )),
+                        Err(crate::app::AppError::Catalog(e))
+                            if !matches!(e, crate::catalog::CatalogError::Store(_)) =>
+                        {
+                            Ok(tool_error("invalid_arguments", format!("{e}."), None))
+                        }
+                        Err(e) => Err(internal(e)),
+                    }
+                }
+                "rate_server" => {
+                    let Some(rating) = args.get("rating").and_then(Value::as_i64) else {
+                        return Ok(tool_error(
+                            "invalid_arguments",
+                            "Give 'rating' as a whole number of stars from 1 to 5.".into(),
+                            None,
+                        ));
+                    };
+                    let body = args.get("review").and_then(Value::as_str).unwrap_or("");
+                    match app
+                        .catalog
+                        .rate(&key.account_id, &server, rating, body)
+                        .await
+                    {
+                        Ok((review, created)) => Ok(ok(
+                            json!({"slug": server.slug, "review": review, "created": created}),
+                        )),
+                        Err(crate::catalog::reviews::ReviewError::Catalog(e)) => Err(internal(e)),
+                        Err(e) => Ok(tool_error("review_refused", format!("{e}."), None)),
+                    }
+                }
+                "server_analytics" => {
+                    let days = args.get("days").and_then(Value::as_i64).unwrap_or(30);
+                    let analytics = match app
+                        .catalog
+                        .analytics(&server, days, crate::store::now_ms())
+                        .await
+                    {
+                        Ok(a) => a,
+                        Err(crate::catalog::CatalogError::Store(e)) => return Err(internal(e)),
+                        Err(e) => {
+                            return Ok(tool_error("invalid_arguments", format!("{e}."), None));
+                        }
+                    };
+                    let verification = app
+                        .catalog
+                        .latest_verification(&server.id)
                         .await
                         .map_err(internal)?;
-                    Ok(ok(
-                        json!({"slug": server.slug, "installed": true, "changed": added}),
-                    ))
+                    let reputation = app.catalog.reputation(&server.id).await.map_err(internal)?;
+                    Ok(ok(json!({
+                        "slug": server.slug,
+                        "status": server.status,
+                        "listed": server.listed,
+                        "analytics": analytics,
+                        "verification": verification,
+                        "reputation": reputation,
+                    })))
                 }
                 _ => {
                     let removed = app
