@@ -218,7 +218,7 @@ async fn registration_through_cli_rest_and_mcp_gives_the_same_result() {
                 .await
                 .unwrap()
                 .expect("a stored verification report");
-            assert!(v.ok && v.kind == "registration", "{v:?}");
+            assert!(v.passed && v.kind == "registration", "{v:?}");
             stored.push((
                 s.name,
                 s.description,
@@ -320,7 +320,7 @@ async fn auto_approval_lists_passing_servers_and_never_failing_ones() {
             bad["verification"]["failed_checks"]
                 .as_array()
                 .unwrap()
-                .contains(&json!("initialize_and_list")),
+                .contains(&json!("initialize")),
             "{bad}"
         );
         // Never listed: not by search, not by MCP, not approvable.
@@ -1762,7 +1762,7 @@ async fn a_creator_goes_from_nothing_to_earnings_with_the_cli_only() {
             &db,
             &with_remote(&["creator", "verification", "--slug", "units"]),
         ));
-        assert_eq!(v["verification"]["ok"], json!(true), "{v}");
+        assert_eq!(v["verification"]["passed"], json!(true), "{v}");
         json_of(&bin(&db, &["servers", "approve", "units", "--json"]));
         // The creator prices a tool and describes the server.
         json_of(&bin(

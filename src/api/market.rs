@@ -188,7 +188,7 @@ async fn verify(
     let status = app.catalog.get(&slug).await?.status;
     Ok(
         axum::Json(json!({"slug": slug, "status": status, "verification": {
-            "ok": v.ok, "grade": v.grade, "failed_checks": v.failed_checks(), "probes": v.probes,
+            "ok": v.ok, "grade": v.grade, "failed_checks": v.failed_checks(), "report": v.report,
         }}))
         .into_response(),
     )

@@ -75,6 +75,28 @@ pub struct PriceRecord {
     pub applied_at: Option<i64>,
 }
 
+/// The check a `registration` verification does not require: the creator's server
+/// cannot know its `X-MCP-Marketplace-Secret` before the registration's answer.
+pub const SECRET_CHECK: &str = "secret_required";
+
+/// Whether check `name` counts for a verification of `kind` (`registration` does not
+/// count [`SECRET_CHECK`]).
+pub fn counts(kind: &str, name: &str) -> bool {
+    !(kind == "registration" && name == SECRET_CHECK)
+}
+
+/// Whether a stored probe row (`kind`, its `checks` JSON array) passed: every check
+/// that [`counts`] passed.
+pub fn stored_passed(kind: &str, checks: &serde_json::Value) -> bool {
+    checks.as_array().is_some_and(|cs| {
+        !cs.is_empty()
+            && cs.iter().all(|c| {
+                c.get("ok") == Some(&serde_json::Value::Bool(true))
+                    || !counts(kind, c.get("name").and_then(|n| n.as_str()).unwrap_or(""))
+            })
+    })
+}
+
 /// One stored probe run (`probe_results`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProbeRecord {
@@ -94,6 +116,9 @@ pub struct ProbeRecord {
     pub grade: String,
     /// Every check passed.
     pub ok: bool,
+    /// Passed as a verification ([`stored_passed`]: a registration does not need the
+    /// secret check).
+    pub passed: bool,
     /// `[{"name", "ok", "detail", "duration_ms"}]`.
     pub checks: serde_json::Value,
 }
@@ -589,7 +614,8 @@ impl Catalog {
             .await
     }
 
-    /// The latest verification (a `registration` or `manual` probe) of `server_id`.
+    /// The latest verification (a `registration` or `manual` probe) of `server_id`:
+    /// the latest row of its first endpoint.
     ///
     /// # Errors
     /// [`CatalogError::Store`].
@@ -598,9 +624,38 @@ impl Catalog {
         server_id: &str,
     ) -> Result<Option<ProbeRecord>, CatalogError> {
         Ok(self
-            .probes(server_id, "AND kind IN ('registration', 'manual')", 1)
+            .latest_verification_rows(server_id)
             .await?
-            .pop())
+            .into_iter()
+            .next())
+    }
+
+    /// The latest verification row of each endpoint of `server_id`, by endpoint.
+    ///
+    /// # Errors
+    /// [`CatalogError::Store`].
+    pub async fn latest_verification_rows(
+        &self,
+        server_id: &str,
+    ) -> Result<Vec<ProbeRecord>, CatalogError> {
+        let mut out: Vec<ProbeRecord> = Vec::new();
+        for p in self
+            .probes(
+                server_id,
+                "AND kind IN ('registration', 'manual')",
+                4 * super::MAX_ENDPOINTS as i64,
+            )
+            .await?
+        {
+            if !out
+                .iter()
+                .any(|o| o.endpoint_position == p.endpoint_position)
+            {
+                out.push(p);
+            }
+        }
+        out.sort_by_key(|p| p.endpoint_position);
+        Ok(out)
     }
 
     async fn probes(
@@ -621,16 +676,20 @@ impl Catalog {
             .into_iter()
             .map(|r| {
                 let checks: String = r.try_get(8)?;
+                let checks: serde_json::Value =
+                    serde_json::from_str(&checks).unwrap_or(serde_json::Value::Null);
+                let kind: String = r.try_get(1)?;
                 Ok(ProbeRecord {
                     id: r.try_get(0)?,
-                    kind: r.try_get(1)?,
+                    passed: stored_passed(&kind, &checks),
+                    kind,
                     endpoint_position: r.try_get(2)?,
                     started_at: r.try_get(3)?,
                     duration_ms: r.try_get(4)?,
                     latency_ms: r.try_get(5)?,
                     grade: r.try_get(6)?,
                     ok: r.try_get::<i64, _>(7)? == 1,
-                    checks: serde_json::from_str(&checks).unwrap_or(serde_json::Value::Null),
+                    checks,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

@@ -12,7 +12,8 @@
 //! score = 100 × (0.35·U + 0.25·S + 0.15·L + 0.25·(R − 1)/4), rounded to one decimal
 //! ```
 //! (The median of an even count is the lower middle value.) Probes come from
-//! `probe_results` (every kind), calls from `calls`, reviews from `reviews`.
+//! `probe_results` (scheduled and manual ones: at registration a server cannot pass the
+//! secret check yet), calls from `calls`, reviews from `reviews`.
 
 use sqlx::Row;
 
@@ -142,7 +143,8 @@ impl Catalog {
         let pool = self.store.pool();
         let mut inputs = Inputs::default();
         for r in sqlx::query(
-            "SELECT ok, latency_ms FROM probe_results WHERE server_id = $1 AND started_at >= $2 AND started_at <= $3",
+            "SELECT ok, latency_ms FROM probe_results WHERE server_id = $1 AND started_at >= $2 AND started_at <= $3 \
+             AND kind <> 'registration'",
         )
         .bind(server_id)
         .bind(since)

@@ -79,7 +79,7 @@ impl Registration {
                 "ok": self.verification.ok,
                 "grade": self.verification.grade,
                 "failed_checks": self.verification.failed_checks(),
-                "probes": self.verification.probes,
+                "report": self.verification.report,
             },
         })
     }
@@ -172,23 +172,31 @@ pub async fn ensure_verified(app: &App, server: &Server) -> Result<(), CatalogEr
     if server.status != ServerStatus::PendingReview {
         return Ok(());
     }
-    match app.catalog.latest_verification(&server.id).await? {
-        Some(v) if !v.ok => {
-            let failed: Vec<String> = v
-                .checks
+    let rows = app.catalog.latest_verification_rows(&server.id).await?;
+    let mut failed: Vec<String> = rows
+        .iter()
+        .filter(|v| !v.passed)
+        .flat_map(|v| {
+            v.checks
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter(|c| c.get("ok") != Some(&Value::Bool(true)))
-                .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_owned))
-                .collect();
-            Err(CatalogError::VerificationFailed(
-                server.slug.clone(),
-                failed.join(", "),
-            ))
-        }
-        _ => Ok(()),
+                .filter_map(|c| c.get("name").and_then(Value::as_str))
+                .filter(|n| verify::counts(&v.kind, n))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if rows.iter().all(|v| v.passed) {
+        return Ok(());
     }
+    failed.sort();
+    failed.dedup();
+    Err(CatalogError::VerificationFailed(
+        server.slug.clone(),
+        failed.join(", "),
+    ))
 }
 
 /// Runs a verification of `server` on request (`kind` manual) and, when it passed and

@@ -394,6 +394,7 @@ mod tests {
                 .map(|i| format!("http://127.0.0.1:{}/mcp", 1000 + i))
                 .collect(),
             created_at: 0,
+            listed: true,
         }
     }
 
