@@ -723,24 +723,36 @@ async fn servers(cli: &Cli, cmd: &ServersCommand, j: bool) -> Result<ExitCode, C
     match cmd {
         ServersCommand::List => {
             let store = store(cli).await?;
-            let servers = crate::catalog::Catalog::new(store)
-                .list()
-                .await
-                .map_err(AppError::from)?;
+            let catalog = crate::catalog::Catalog::new(store);
+            let servers = catalog.list().await.map_err(AppError::from)?;
+            let mut scores = Vec::with_capacity(servers.len());
+            for s in &servers {
+                scores.push(
+                    catalog
+                        .reputation(&s.id)
+                        .await
+                        .map_err(AppError::from)?
+                        .map(|r| r.score),
+                );
+            }
             let rows: Vec<_> = servers
                 .iter()
-                .map(|s| json!({"slug": s.slug, "name": s.name, "status": s.status, "price_micros": s.price_micros,
-                                "pricing": format_pricing(s.price_micros)}))
+                .zip(&scores)
+                .map(|(s, score)| json!({"slug": s.slug, "name": s.name, "status": s.status, "price_micros": s.price_micros,
+                                "pricing": format_pricing(s.price_micros), "listed": s.listed,
+                                "reputation": score}))
                 .collect();
             print(j, json!({"servers": rows}), || {
                 servers
                     .iter()
-                    .map(|s| {
+                    .zip(&scores)
+                    .map(|(s, score)| {
                         format!(
-                            "{:<32} {:<15} {}",
+                            "{:<32} {:<15} {:<24} reputation {}",
                             s.slug,
                             s.status.as_str(),
-                            format_pricing(s.price_micros)
+                            format_pricing(s.price_micros),
+                            score.map_or("-".to_owned(), |v| format!("{v:.1}"))
                         )
                     })
                     .collect::<Vec<_>>()
