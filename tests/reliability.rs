@@ -696,6 +696,12 @@ async fn registration_probes_leave_pending_servers_pending_and_admins_are_record
         );
         // Admin moves are recorded and alerted too.
         fault.set_mode(fault::NORMAL);
+        // Approval needs a passing verification (issue 5): the last one failed.
+        assert!(market.app.approve("fresh").await.is_err());
+        let report = probe_server(&market.app, &server, ProbeKind::Registration)
+            .await
+            .unwrap();
+        assert!(report.ok, "{report:#?}");
         market.app.approve("fresh").await.unwrap();
         market.app.suspend("fresh").await.unwrap();
         let events = health::status_events(&market.app, &server.id)

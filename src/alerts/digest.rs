@@ -4,8 +4,9 @@
 //! account by settle transfers of that week), each server's uptime (the share of
 //! `probe_results` rows with `ok = 1`; `null` without probes), the tool changes
 //! detected (`tool_changes.detected_at`, those the creator was alerted of: the tools
-//! of a server's first listing, reviewed at its approval, are no change) and the incidents (their own outbox rows of
-//! kind `incident` or `server.status_changed`).
+//! of a server's first listing, reviewed at its approval, are no change) and the
+//! incidents (their own outbox rows of kind `incident`, and of kind
+//! `server.status_changed` into `degraded` or `inactive`; see [`is_incident`]).
 //!
 //! [`enqueue_weekly_digests`] enqueues one [`AlertEvent::WeeklyDigest`] per creator
 //! (an account owning a server) and week; the primary key of `weekly_digests`, written
@@ -209,37 +210,36 @@ pub async fn compute(store: &Store, account_id: &str, week: &Week) -> Result<Dig
     .fetch_one(pool)
     .await?
     .try_get(0)?;
-    let incident_where = "account_id = $1 AND kind IN ('incident', 'server.status_changed') \
-                          AND created_at >= $2 AND created_at < $3";
-    let incidents: i64 = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM alert_outbox WHERE {incident_where}"
-    )))
+    // Incidents: `incident` rows, and status changes for the worse (into `degraded` or
+    // `inactive`); an approval, a recovery or a suspension is no incident.
+    let rows = sqlx::query(
+        "SELECT id, kind, payload, created_at FROM alert_outbox \
+         WHERE account_id = $1 AND kind IN ('incident', 'server.status_changed') \
+         AND created_at >= $2 AND created_at < $3 ORDER BY created_at, id",
+    )
     .bind(account_id)
     .bind(from)
     .bind(to)
-    .fetch_one(pool)
-    .await?
-    .try_get(0)?;
-    let listed = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT id, kind, payload, created_at FROM alert_outbox WHERE {incident_where} \
-         ORDER BY created_at, id LIMIT $4"
-    )))
-    .bind(account_id)
-    .bind(from)
-    .bind(to)
-    .bind(MAX_LISTED_INCIDENTS)
     .fetch_all(pool)
     .await?;
+    let mut incidents: i64 = 0;
     let mut incident_list = Vec::new();
-    for r in listed {
+    for r in rows {
+        let kind: String = r.try_get(1)?;
         let payload: String = r.try_get(2)?;
         let payload = serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null);
-        incident_list.push(IncidentLine {
-            id: r.try_get(0)?,
-            kind: r.try_get(1)?,
-            summary: super::email::summary(&payload),
-            at: rfc3339(r.try_get(3)?),
-        });
+        if !is_incident(&kind, &payload) {
+            continue;
+        }
+        incidents += 1;
+        if incident_list.len() < MAX_LISTED_INCIDENTS as usize {
+            incident_list.push(IncidentLine {
+                id: r.try_get(0)?,
+                kind,
+                summary: super::email::summary(&payload),
+                at: rfc3339(r.try_get(3)?),
+            });
+        }
     }
     let probes = servers.iter().map(|s| s.probes).sum();
     let probes_ok = servers.iter().map(|s| s.probes_ok).sum();
@@ -323,6 +323,18 @@ pub async fn enqueue_weekly_digests(store: &Store, week: &Week) -> Result<usize,
         }
     }
     Ok(n)
+}
+
+/// Whether an outbox row of `kind` with `payload` counts as an incident in a digest:
+/// every `incident`, and a `server.status_changed` whose `to` is `degraded` or
+/// `inactive`. Approvals, recoveries and admin suspensions are status changes too, but
+/// not incidents.
+pub fn is_incident(kind: &str, payload: &serde_json::Value) -> bool {
+    match kind {
+        "incident" => true,
+        "server.status_changed" => matches!(payload["to"].as_str(), Some("degraded" | "inactive")),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
