@@ -92,7 +92,12 @@ impl Store {
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            // FULL: a commit returns only once the WAL is fsynced, so
+                            // a settled call survives a power loss, not only a crash
+                            // (NORMAL syncs at checkpoints only). The ledger's group
+                            // commit (billing::ledger, group.rs) shares one fsync
+                            // among a batch of calls.
+                            conn.execute("PRAGMA synchronous = FULL").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
                             conn.execute(SQLITE_BUSY_TIMEOUT).await?;
                             Ok(())

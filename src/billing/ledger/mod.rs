@@ -54,10 +54,12 @@ use super::period::{Clock, Month, SystemClock};
 use super::plans::PlanBook;
 use crate::store::{Backend, Store, StoreError, Tx, is_check_violation};
 
+mod group;
 mod reads;
 mod subscriptions;
 mod verify;
 
+pub use group::MAX_BATCH;
 pub use reads::WalletMovement;
 pub use subscriptions::{BookedPeriod, CurrentPlan, PlanChange, PlanHistoryEntry};
 
@@ -151,6 +153,10 @@ pub enum BillingError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The group commit holding this operation failed as a whole (see `group.rs`):
+    /// nothing of it was written.
+    #[error("ledger commit failed: {0}")]
+    Commit(String),
 }
 
 impl From<sqlx::Error> for BillingError {
@@ -262,6 +268,8 @@ pub struct Ledger {
     store: Store,
     clock: Arc<dyn Clock>,
     plans: Arc<PlanBook>,
+    /// The group commit of the call path's writes (SQLite), shared by clones.
+    group: Arc<group::GroupCommit>,
 }
 
 impl Ledger {
@@ -271,6 +279,7 @@ impl Ledger {
             store,
             clock: Arc::new(SystemClock),
             plans: Arc::new(PlanBook::builtin()),
+            group: Arc::default(),
         }
     }
 
@@ -385,20 +394,33 @@ impl Ledger {
     /// [`BillingError::InsufficientCredits`], [`BillingError::SpendLimit`] or
     /// [`BillingError::QuotaExceeded`] with nothing written; [`BillingError::Store`].
     pub async fn reserve(&self, r: &Reservation) -> Result<i64, BillingError> {
-        let (creator_micros, fee_micros) = super::pricing::split_price(r.price_micros, r.fee_bps);
         let at = self.now_ms();
-        let month = Month::of_ms(at);
+        if self.store.backend() == Backend::Sqlite {
+            return self
+                .group
+                .submit(self.clone(), group::Op::Reserve(r.clone()), at)
+                .await;
+        }
         let mut tx = self.store.begin().await?;
+        let balance = self.reserve_in(&mut tx, r, at).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(balance)
+    }
+
+    /// The reservation of [`Ledger::reserve`] inside `tx`, stamped `at` (epoch ms).
+    async fn reserve_in(&self, tx: &mut Tx, r: &Reservation, at: i64) -> Result<i64, BillingError> {
+        let (creator_micros, fee_micros) = super::pricing::split_price(r.price_micros, r.fee_bps);
+        let month = Month::of_ms(at);
         if !r.spend_limits.is_empty() && self.store.backend() == Backend::Postgres {
             // Serializes reservations of one key so two concurrent calls cannot both
             // pass the limit check (SQLite's single writer does this by itself).
             sqlx::query("SELECT id FROM api_keys WHERE id = $1 FOR UPDATE")
                 .bind(&r.key_id)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
         }
         for (limit_micros, period) in &r.spend_limits {
-            let spent = key_spent(&mut tx, &r.key_id, period_start_ms(period, at)).await?;
+            let spent = key_spent(tx, &r.key_id, period_start_ms(period, at)).await?;
             if spent + r.price_micros > *limit_micros {
                 return Err(BillingError::SpendLimit {
                     limit_micros: *limit_micros,
@@ -409,7 +431,7 @@ impl Ledger {
         }
         // The quota: a guarded increment of this month's counter (an upsert whose update
         // only happens under the quota), so concurrent calls cannot pass it together.
-        let plan = self.plan_in_effect(&mut tx, &r.account_id, at).await?.plan;
+        let plan = self.plan_in_effect(tx, &r.account_id, at).await?.plan;
         let quota = plan.monthly_calls.unwrap_or(i64::MAX);
         let counted = if quota <= 0 {
             None
@@ -424,7 +446,7 @@ impl Ledger {
             .bind(month.to_string())
             .bind(r.price_micros)
             .bind(quota)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?
         };
         if counted.is_none() {
@@ -436,9 +458,9 @@ impl Ledger {
         }
         let wallet = wallet_id(&r.account_id);
         let balance = if r.price_micros > 0 {
-            debit_wallet(&mut tx, &r.account_id, r.price_micros, at, Some(&r.call_id)).await?
+            debit_wallet(tx, &r.account_id, r.price_micros, at, Some(&r.call_id)).await?
         } else {
-            balance_of(&mut tx, &wallet).await?
+            balance_of(tx, &wallet).await?
         };
         sqlx::query(
             "INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, \
@@ -456,19 +478,18 @@ impl Ledger {
         .bind(r.hold_expires_at)
         .bind(at)
         .bind(r.request_bytes.max(0))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         let transfer =
-            insert_transfer(&mut tx, "reserve", Some(&r.call_id), r.price_micros, "", at).await?;
+            insert_transfer(tx, "reserve", Some(&r.call_id), r.price_micros, "", at).await?;
         // The guarded debit above already moved the wallet's balance; only holds moves here.
         write_entries(
-            &mut tx,
+            tx,
             &transfer,
             &[(&wallet, -r.price_micros), (HOLDS, r.price_micros)],
             |account| account == HOLDS,
         )
         .await?;
-        tx.commit().await.map_err(StoreError::from)?;
         Ok(balance)
     }
 
@@ -507,7 +528,33 @@ impl Ledger {
         stats: CallStats,
     ) -> Result<i64, BillingError> {
         let at = self.now_ms();
+        if self.store.backend() == Backend::Sqlite {
+            let op = group::Op::Finish {
+                call_id: call_id.to_owned(),
+                outcome,
+                error_kind: error_kind.map(str::to_owned),
+                stats,
+            };
+            return self.group.submit(self.clone(), op, at).await;
+        }
         let mut tx = self.store.begin().await?;
+        let balance = self
+            .finish_in(&mut tx, call_id, outcome, error_kind, stats, at)
+            .await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(balance)
+    }
+
+    /// The settle or refund of [`Ledger::finish`] inside `tx`, stamped `at` (epoch ms).
+    async fn finish_in(
+        &self,
+        tx: &mut Tx,
+        call_id: &str,
+        outcome: Outcome,
+        error_kind: Option<&str>,
+        stats: CallStats,
+        at: i64,
+    ) -> Result<i64, BillingError> {
         let row = sqlx::query(
             "UPDATE calls SET status = $1, error_kind = $2, finished_at = $3, latency_ms = $4, \
              response_bytes = $5 WHERE id = $6 AND status = 'reserved' \
@@ -519,12 +566,12 @@ impl Ledger {
         .bind(stats.latency_ms.max(0))
         .bind(stats.response_bytes.max(0))
         .bind(call_id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         let Some(row) = row else {
             let exists = sqlx::query("SELECT id FROM calls WHERE id = $1")
                 .bind(call_id)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut **tx)
                 .await?
                 .is_some();
             return Err(if exists {
@@ -545,12 +592,12 @@ impl Ledger {
                 let owner: String =
                     sqlx::query("SELECT owner_account_id FROM servers WHERE id = $1")
                         .bind(&server_id)
-                        .fetch_one(&mut *tx)
+                        .fetch_one(&mut **tx)
                         .await?
                         .try_get(0)?;
                 let earnings = earnings_id(&owner);
                 post_transfer(
-                    &mut tx,
+                    tx,
                     "settle",
                     Some(call_id),
                     price,
@@ -573,10 +620,10 @@ impl Ledger {
                 .bind(price)
                 .bind(&account_id)
                 .bind(Month::of_ms(created_at).to_string())
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
                 post_transfer(
-                    &mut tx,
+                    tx,
                     "refund",
                     Some(call_id),
                     price,
@@ -587,9 +634,7 @@ impl Ledger {
                 .await?;
             }
         }
-        let balance = balance_of(&mut tx, &wallet).await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(balance)
+        balance_of(tx, &wallet).await
     }
 
     /// The balances of `account_id` in micros (wallet, its open holds, its earnings).

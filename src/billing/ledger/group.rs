@@ -1,0 +1,201 @@
+//! Group commit of the call path's ledger writes on SQLite.
+//!
+//! # Why
+//! SQLite has one writer and the store one connection; with `synchronous = FULL` every
+//! commit waits for an fsync of the write-ahead log. One transaction per reserve and
+//! one per settle would cap the marketplace at `1 / (2 × fsync)` paid calls per second
+//! and queue every other statement behind those fsyncs.
+//!
+//! # How
+//! A call's [`Ledger::reserve`], [`Ledger::settle`] and [`Ledger::refund`] put an
+//! [`Op`] in a queue and wait for its answer. Whoever takes the leader lock first
+//! becomes the leader: it takes up to [`MAX_BATCH`] queued operations (its own among
+//! them), and runs them, in queue order, in **one** transaction, each inside its own
+//! `SAVEPOINT`, then commits once. While that commit waits on its fsync the next
+//! operations queue up and form the next batch, so the batch size follows the load by
+//! itself (one operation when idle: no added latency, no timer).
+//!
+//! # What it keeps
+//! - **Durability before the answer.** Every operation of a batch is answered only after
+//!   the batch's `COMMIT` returned, so a call is told "settled" only once its settlement
+//!   is on disk; a crash before that loses the whole batch and no caller was answered
+//!   (the holds of reserved calls are refunded by the sweep, as after any crash).
+//! - **Exact checks.** The operations of a batch run one after the other in one
+//!   transaction, each seeing the writes of those before it, so spend limits, quotas
+//!   and the guarded wallet debit are exactly as strict as with one transaction each.
+//! - **Isolation of failures.** An operation that fails (insufficient credits, a quota,
+//!   a call already finished) is rolled back to its savepoint alone; the others commit.
+//!   When the batch itself fails (`BEGIN`, a savepoint or `COMMIT`), nothing of it is
+//!   written and every operation of it gets [`BillingError::Commit`].
+//! - **No cancellation hazard.** The batch runs in its own task, so a caller whose
+//!   future is dropped (a cancelled MCP request) cannot abort a commit others wait on.
+//!
+//! # Why not on PostgreSQL
+//! PostgreSQL groups commits itself: concurrent transactions on the pool's connections
+//! share the write-ahead log's flushes, and their row locks let them run in parallel.
+//! One big transaction there would hold the `holds` row and every touched wallet for
+//! the whole batch and lock them in the order of the calls, not in the ledger's lock
+//! order (`lock_rank`), inviting deadlocks with top-ups and payouts. So on PostgreSQL
+//! every operation keeps its own transaction.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use super::{BillingError, CallStats, Ledger, Outcome, Reservation};
+use crate::store::{Store, StoreError, Tx};
+
+/// Most operations in one batch (bounds the transaction's size and the time the single
+/// SQLite connection is held: a few milliseconds).
+pub const MAX_BATCH: usize = 256;
+
+/// One ledger write of the call path.
+#[derive(Debug)]
+pub(super) enum Op {
+    /// [`Ledger::reserve`].
+    Reserve(Reservation),
+    /// [`Ledger::settle`] or [`Ledger::refund`].
+    Finish {
+        call_id: String,
+        outcome: Outcome,
+        error_kind: Option<String>,
+        stats: CallStats,
+    },
+}
+
+struct Job {
+    /// The ledger that asked (its clock stamped `at`, its plans apply).
+    ledger: Ledger,
+    op: Op,
+    at: i64,
+    reply: oneshot::Sender<Result<i64, BillingError>>,
+}
+
+/// The queue and the leader lock of one [`Ledger`] (shared by its clones).
+#[derive(Default)]
+pub(super) struct GroupCommit {
+    queue: Mutex<Vec<Job>>,
+    leader: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit").finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    /// Queues `op` and returns its result once the batch holding it committed.
+    pub(super) async fn submit(
+        &self,
+        ledger: Ledger,
+        op: Op,
+        at: i64,
+    ) -> Result<i64, BillingError> {
+        let store = ledger.store.clone();
+        let (reply, mut answer) = oneshot::channel();
+        self.lock_queue().push(Job {
+            ledger,
+            op,
+            at,
+            reply,
+        });
+        loop {
+            let guard = self.leader.clone().lock_owned().await;
+            match answer.try_recv() {
+                Ok(result) => return result,
+                // The batch holding it died (a panic): nothing of it was committed.
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(BillingError::Commit("the batch was abandoned".into()));
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            // Still queued: lead the next batch (it holds this operation unless more
+            // than MAX_BATCH were queued before it; then loop).
+            let jobs = {
+                let mut queue = self.lock_queue();
+                let n = queue.len().min(MAX_BATCH);
+                queue.drain(..n).collect::<Vec<_>>()
+            };
+            let store = store.clone();
+            let batch = tokio::spawn(async move {
+                run_batch(&store, jobs).await;
+                drop(guard);
+            });
+            // A panic in the batch drops its replies; the next try_recv sees Closed.
+            let _ = batch.await;
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
+        // A poisoned queue still holds valid jobs (pushing and draining cannot leave it
+        // half-changed).
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Runs `jobs` in one transaction, each in a savepoint, commits, then answers each.
+async fn run_batch(store: &Store, jobs: Vec<Job>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let mut tx = match store.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(jobs, &e.to_string()),
+    };
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        if let Err(e) = savepoint(&mut tx, "SAVEPOINT ledger_op").await {
+            return fail_all(jobs, &e.to_string());
+        }
+        let result = run_op(&mut tx, job).await;
+        let end = if result.is_err() {
+            savepoint(&mut tx, "ROLLBACK TO SAVEPOINT ledger_op").await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = end.and(savepoint(&mut tx, "RELEASE SAVEPOINT ledger_op").await) {
+            return fail_all(jobs, &e.to_string());
+        }
+        results.push(result);
+    }
+    if let Err(e) = tx.commit().await {
+        return fail_all(jobs, &e.to_string());
+    }
+    for (job, result) in jobs.into_iter().zip(results) {
+        // The caller may be gone (cancelled); its write stands, like any committed call.
+        let _ = job.reply.send(result);
+    }
+}
+
+async fn run_op(tx: &mut Tx, job: &Job) -> Result<i64, BillingError> {
+    match &job.op {
+        Op::Reserve(r) => job.ledger.reserve_in(tx, r, job.at).await,
+        Op::Finish {
+            call_id,
+            outcome,
+            error_kind,
+            stats,
+        } => {
+            job.ledger
+                .finish_in(tx, call_id, *outcome, error_kind.as_deref(), *stats, job.at)
+                .await
+        }
+    }
+}
+
+async fn savepoint(tx: &mut Tx, sql: &'static str) -> Result<(), StoreError> {
+    sqlx::query(sql).execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn fail_all(jobs: Vec<Job>, why: &str) {
+    tracing::error!(error = %why, operations = jobs.len(), "ledger batch failed; nothing of it was written");
+    for job in jobs {
+        let _ = job.reply.send(Err(BillingError::Commit(format!(
+            "the batch failed: {why}"
+        ))));
+    }
+}
