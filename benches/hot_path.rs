@@ -1,0 +1,278 @@
+//! Criterion micro-benchmarks of the call path's pieces, on a real SQLite file (and
+//! on PostgreSQL too when `TEST_DATABASE_URL` is set):
+//!
+//! - `ledger/reserve+settle/N`: one paid call's two ledger phases, with `N` calls in
+//!   flight at once (1 = each call alone, so one commit and one fsync per phase; 32 =
+//!   the group commit batches concurrent calls). Throughput is settled calls per second;
+//! - `ledger/reserve+refund/1`: a failed call's two phases;
+//! - `catalog/resolve`: `{slug}__{tool}` → server and tool, for an account that
+//!   installed 20 servers of 500 tools;
+//! - `gateway/tools_list/10000`: the `tools/list` answer of that account (10,000
+//!   catalog tools, each with its price in `_meta`).
+//!
+//! ```text
+//! cargo bench --bench hot_path                 # all
+//! cargo bench --bench hot_path -- ledger       # one group
+//! ```
+//!
+//! Under `cargo test --all-targets` criterion runs every benchmark once, as a smoke test.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use mcp_marketplace::app::App;
+use mcp_marketplace::auth::Scope;
+use mcp_marketplace::auth::accounts::create_account;
+use mcp_marketplace::auth::keys::{NewKey, authenticate, create_key};
+use mcp_marketplace::billing::{CallStats, Reservation};
+use mcp_marketplace::catalog::{NewServer, ServerStatus};
+use mcp_marketplace::config::Config;
+use mcp_marketplace::gateway::Caller;
+use serde_json::json;
+use tokio::runtime::Runtime;
+
+/// Servers × tools per server = the 10,000 tools of the `tools/list` benchmark.
+const SERVERS: usize = 20;
+const TOOLS_PER_SERVER: usize = 500;
+/// Price of the benchmark's paid tool, micros.
+const PRICE_MICROS: i64 = 100;
+
+struct World {
+    app: Arc<App>,
+    caller: Caller,
+    account_id: String,
+    key_id: String,
+    server_id: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+async fn fresh_postgres(admin: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("mkt_bench_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .expect("connect to TEST_DATABASE_URL");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create the benchmark database");
+    let mut url = url::Url::parse(admin).expect("TEST_DATABASE_URL is a URL");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+/// A marketplace (not serving) with a funded account, a key, and `SERVERS` active,
+/// installed servers of `TOOLS_PER_SERVER` approved tools each.
+async fn world(backend: &str) -> World {
+    mcp_marketplace::install_crypto_provider();
+    let (database_url, dir) = if backend == "sqlite" {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        (url, Some(dir))
+    } else {
+        (fresh_postgres(backend).await, None)
+    };
+    let config = Config {
+        database_url,
+        allow_upstream_hosts: vec!["127.0.0.1".into()],
+        ..Config::default()
+    };
+    let app = App::new(config).await.expect("the marketplace starts");
+    let creator = create_account(&app.store, "creator").await.expect("account");
+    let user = create_account(&app.store, "user").await.expect("account");
+    app.ledger
+        .topup(&user.id, 1_000_000 * 1_000_000, "bench")
+        .await
+        .expect("top-up");
+    let key = create_key(
+        &app.store,
+        "user",
+        &NewKey {
+            scopes: vec![Scope::Invoke],
+            ..NewKey::default()
+        },
+    )
+    .await
+    .expect("key")
+    .1;
+    let key = authenticate(&app.store, &key).await.expect("the key works");
+    let mut server_id = String::new();
+    for s in 0..SERVERS {
+        let slug = format!("srv{s:02}");
+        let new = NewServer {
+            name: format!("Server {s}"),
+            slug: Some(slug.clone()),
+            // Never contacted: the tools are written straight into the catalog.
+            endpoints: vec![format!("http://127.0.0.1:9/{slug}")],
+            pricing: format!("0.{PRICE_MICROS:06}_per_request"),
+            ..NewServer::default()
+        };
+        let (server, _secret) = app
+            .catalog
+            .register(&creator.id, &new, &app.policy)
+            .await
+            .expect("register");
+        let tools: Vec<serde_json::Value> = (0..TOOLS_PER_SERVER)
+            .map(|t| {
+                json!({
+                    "name": format!("tool_{t:03}"),
+                    "description": format!("Tool {t} of server {s}: does one thing well."),
+                    "inputSchema": {"type": "object", "properties": {
+                        "query": {"type": "string", "description": "What to look for."},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 100}},
+                        "required": ["query"]},
+                    "annotations": {"readOnlyHint": true},
+                })
+            })
+            .collect();
+        app.catalog
+            .replace_tools(&server, &tools)
+            .await
+            .expect("tools");
+        app.catalog
+            .approve_tools(&server.id, None, "bench")
+            .await
+            .expect("approve tools");
+        app.catalog
+            .set_status(&slug, ServerStatus::Active)
+            .await
+            .expect("activate");
+        app.catalog.install(&user.id, &slug).await.expect("install");
+        server_id = server.id;
+    }
+    World {
+        caller: Caller {
+            key: key.clone(),
+            slug: None,
+        },
+        account_id: key.account_id,
+        key_id: key.key_id,
+        server_id,
+        app,
+        _dir: dir,
+    }
+}
+
+fn reservation(w: &World) -> Reservation {
+    Reservation {
+        call_id: uuid::Uuid::now_v7().to_string(),
+        account_id: w.account_id.clone(),
+        key_id: w.key_id.clone(),
+        server_id: w.server_id.clone(),
+        tool: "tool_001".into(),
+        price_micros: PRICE_MICROS,
+        fee_bps: 3000,
+        hold_expires_at: mcp_marketplace::store::now_ms() + 60_000,
+        spend_limits: Vec::new(),
+        request_bytes: 20,
+    }
+}
+
+/// Runs `iters` reserve+settle (or refund) pairs, `in_flight` at a time; returns the
+/// wall time.
+async fn calls(w: &Arc<World>, iters: u64, in_flight: u64, settle: bool) -> Duration {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..in_flight {
+        let w = w.clone();
+        let n = iters / in_flight + u64::from(i < iters % in_flight);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n {
+                let r = reservation(&w);
+                w.app.ledger.reserve(&r).await.expect("reserve");
+                let stats = CallStats {
+                    latency_ms: 1,
+                    response_bytes: 40,
+                };
+                if settle {
+                    w.app.ledger.settle(&r.call_id, stats).await.expect("settle");
+                } else {
+                    w.app
+                        .ledger
+                        .refund(&r.call_id, "upstream_error", stats)
+                        .await
+                        .expect("refund");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a benchmark task");
+    }
+    started.elapsed()
+}
+
+fn backends() -> Vec<(String, String)> {
+    let mut b = vec![("sqlite".to_owned(), "sqlite".to_owned())];
+    if let Ok(pg) = std::env::var("TEST_DATABASE_URL")
+        && !pg.is_empty()
+    {
+        b.push(("postgres".to_owned(), pg));
+    }
+    b
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = runtime();
+    for (label, backend) in backends() {
+        let w = Arc::new(rt.block_on(world(&backend)));
+
+        let mut g = c.benchmark_group(format!("ledger_{label}"));
+        g.throughput(Throughput::Elements(1));
+        for in_flight in [1u64, 32] {
+            g.bench_function(BenchmarkId::new("reserve+settle", in_flight), |b| {
+                b.iter_custom(|iters| rt.block_on(calls(&w, iters, in_flight, true)));
+            });
+        }
+        g.bench_function(BenchmarkId::new("reserve+refund", 1), |b| {
+            b.iter_custom(|iters| rt.block_on(calls(&w, iters, 1, false)));
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("catalog_{label}"));
+        g.bench_function("resolve", |b| {
+            b.iter(|| {
+                rt.block_on(w.app.catalog.resolve(&w.account_id, "srv07__tool_123"))
+                    .expect("resolve")
+                    .expect("installed")
+            });
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("gateway_{label}"));
+        g.sample_size(10);
+        g.bench_function(
+            BenchmarkId::new("tools_list", SERVERS * TOOLS_PER_SERVER),
+            |b| {
+                b.iter(|| {
+                    let tools = rt
+                        .block_on(mcp_marketplace::gateway::tools::list(&w.app, &w.caller))
+                        .expect("tools/list");
+                    assert!(tools.len() >= SERVERS * TOOLS_PER_SERVER);
+                    tools
+                });
+            },
+        );
+        g.finish();
+        let broken = rt.block_on(w.app.ledger.verify()).expect("ledger verify runs");
+        assert!(broken.is_empty(), "ledger verify: {broken:?}");
+    }
+}
+
+criterion_group! {
+    name = hot_path;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = benches
+}
+criterion_main!(hot_path);
