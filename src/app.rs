@@ -99,8 +99,6 @@ pub struct App {
     pub catalog: Catalog,
     /// The signing key.
     pub signer: Signer,
-    /// Authenticated keys of the last 500 ms (revocation still effective within 1 s).
-    pub keys: crate::auth::KeyCache,
     /// Upstream sessions.
     pub upstreams: Upstreams,
     /// Open downstream MCP sessions, for `notifications/tools/list_changed`.
@@ -208,7 +206,6 @@ impl App {
             config,
             ledger,
             signer,
-            keys: crate::auth::KeyCache::default(),
             store,
             refresh_tx,
             refresh_rx: std::sync::Mutex::new(Some(refresh_rx)),

@@ -28,7 +28,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 
 use crate::app::App;
 use crate::auth::KeyContext;
-use crate::auth::keys::{KeyError, presented_key};
+use crate::auth::keys::{KeyError, authenticate, presented_key};
 
 pub use handler::GatewayHandler;
 
@@ -145,8 +145,7 @@ pub fn unauthorized() -> Response {
         .into_response()
 }
 
-/// Authenticates a presented key on every request (through the app's key cache, whose
-/// entries live at most 500 ms, so a revocation is effective within one second).
+/// Authenticates a presented key against the store on every request.
 ///
 /// # Errors
 /// [`KeyError::Unauthorized`] when no valid key was presented.
@@ -155,7 +154,7 @@ pub async fn authenticate_request(
     headers: &http::HeaderMap,
 ) -> Result<KeyContext, KeyError> {
     let key = presented_key(headers).ok_or(KeyError::Unauthorized)?;
-    app.keys.authenticate(&app.store, key).await
+    authenticate(&app.store, key).await
 }
 
 /// Middleware: authenticates the key of every MCP request and attaches a [`Caller`];

@@ -51,8 +51,6 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
-    /// Bumped by every key revocation through this store (see [`Store::keys_changed`]).
-    keys_epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A database transaction; commit it with `tx.commit().await`, or drop it to roll back.
@@ -120,11 +118,7 @@ impl Store {
             Backend::Sqlite => SQLITE_MIGRATOR.run(&pool).await?,
             Backend::Postgres => POSTGRES_MIGRATOR.run(&pool).await?,
         }
-        Ok(Self {
-            pool,
-            backend,
-            keys_epoch: Default::default(),
-        })
+        Ok(Self { pool, backend })
     }
 
     /// The connection pool, for single-statement reads and writes.
@@ -135,19 +129,6 @@ impl Store {
     /// The engine behind this store.
     pub fn backend(&self) -> Backend {
         self.backend
-    }
-
-    /// Records that a key was revoked or changed through this store, so the caches of
-    /// authenticated keys in this process (`auth::KeyCache`) stop serving what they hold
-    /// at once; other processes see the change when their entries expire (500 ms).
-    pub fn keys_changed(&self) {
-        self.keys_epoch
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// How many times [`Store::keys_changed`] was called in this process.
-    pub fn keys_epoch(&self) -> u64 {
-        self.keys_epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Begins a transaction.
