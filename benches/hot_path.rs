@@ -87,7 +87,9 @@ async fn world(backend: &str) -> World {
         ..Config::default()
     };
     let app = App::new(config).await.expect("the marketplace starts");
-    let creator = create_account(&app.store, "creator").await.expect("account");
+    let creator = create_account(&app.store, "creator")
+        .await
+        .expect("account");
     let user = create_account(&app.store, "user").await.expect("account");
     app.ledger
         .topup(&user.id, 1_000_000 * 1_000_000, "bench")
@@ -194,7 +196,11 @@ async fn calls(w: &Arc<World>, iters: u64, in_flight: u64, settle: bool) -> Dura
                     response_bytes: 40,
                 };
                 if settle {
-                    w.app.ledger.settle(&r.call_id, stats).await.expect("settle");
+                    w.app
+                        .ledger
+                        .settle(&r.call_id, stats)
+                        .await
+                        .expect("settle");
                 } else {
                     w.app
                         .ledger
@@ -263,7 +269,9 @@ fn benches(c: &mut Criterion) {
             },
         );
         g.finish();
-        let broken = rt.block_on(w.app.ledger.verify()).expect("ledger verify runs");
+        let broken = rt
+            .block_on(w.app.ledger.verify())
+            .expect("ledger verify runs");
         assert!(broken.is_empty(), "ledger verify: {broken:?}");
     }
 }
