@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::{BillingError, CallStats, Ledger, Outcome, Reservation};
-use crate::store::{Store, StoreError, Tx};
+use crate::store::{Store, Tx};
 
 /// Most operations in one batch (bounds the transaction's size and the time the single
 /// SQLite connection is held: a few milliseconds).
@@ -136,7 +136,8 @@ impl GroupCommit {
     }
 }
 
-/// Runs `jobs` in one transaction, each in a savepoint, commits, then answers each.
+/// Runs `jobs` in one transaction, each in a savepoint (a lone job needs none: its
+/// failure rolls the transaction back), commits, then answers each.
 async fn run_batch(store: &Store, jobs: Vec<Job>) {
     if jobs.is_empty() {
         return;
@@ -145,22 +146,40 @@ async fn run_batch(store: &Store, jobs: Vec<Job>) {
         Ok(tx) => tx,
         Err(e) => return fail_all(jobs, &e.to_string()),
     };
+    let alone = jobs.len() == 1;
     let mut results = Vec::with_capacity(jobs.len());
-    for job in &jobs {
-        if let Err(e) = savepoint(&mut tx, "SAVEPOINT ledger_op").await {
-            return fail_all(jobs, &e.to_string());
+    for (i, job) in jobs.iter().enumerate() {
+        if !alone {
+            // One round trip: close the previous operation's savepoint, open this one's.
+            let sql = if i == 0 {
+                "SAVEPOINT ledger_op"
+            } else {
+                "RELEASE SAVEPOINT ledger_op; SAVEPOINT ledger_op"
+            };
+            if let Err(e) = sqlx::raw_sql(sql).execute(&mut *tx).await {
+                return fail_all(jobs, &e.to_string());
+            }
         }
         let result = run_op(&mut tx, job).await;
-        let end = if result.is_err() {
-            savepoint(&mut tx, "ROLLBACK TO SAVEPOINT ledger_op").await
-        } else {
-            Ok(())
-        };
-        if let Err(e) = end.and(savepoint(&mut tx, "RELEASE SAVEPOINT ledger_op").await) {
-            return fail_all(jobs, &e.to_string());
+        if result.is_err() {
+            if alone {
+                // Nothing of it may stay: roll back (by dropping the transaction).
+                drop(tx);
+                for (job, result) in jobs.into_iter().zip([result]) {
+                    let _ = job.reply.send(result);
+                }
+                return;
+            }
+            if let Err(e) = sqlx::raw_sql("ROLLBACK TO SAVEPOINT ledger_op")
+                .execute(&mut *tx)
+                .await
+            {
+                return fail_all(jobs, &e.to_string());
+            }
         }
         results.push(result);
     }
+    // COMMIT releases the last savepoint.
     if let Err(e) = tx.commit().await {
         return fail_all(jobs, &e.to_string());
     }
@@ -184,11 +203,6 @@ async fn run_op(tx: &mut Tx, job: &Job) -> Result<i64, BillingError> {
                 .await
         }
     }
-}
-
-async fn savepoint(tx: &mut Tx, sql: &'static str) -> Result<(), StoreError> {
-    sqlx::query(sql).execute(&mut **tx).await?;
-    Ok(())
 }
 
 fn fail_all(jobs: Vec<Job>, why: &str) {

@@ -42,6 +42,13 @@
 //! `reads.rs` the queries invoices and payouts reconcile against; `verify.rs` `ledger
 //! verify`.
 //!
+//! Speed. On SQLite the call path's reserve, settle and refund are group-committed
+//! (`group.rs`: many calls' writes in one transaction and one fsync, each call answered
+//! only after its own batch committed); on PostgreSQL each keeps its own transaction.
+//! How several replicas could reserve without a database round trip per call and never
+//! overdraw (leasing slices of a wallet's balance to a replica) is designed in
+//! `docs/ledger.md`.
+//!
 //! Time. Every transfer of one operation carries one timestamp `at` from the ledger's
 //! [`Clock`], and a call's `created_at`/`finished_at` equal its reserve and settle/refund
 //! transfers' times, so month boundaries cut the ledger and the usage log identically.
@@ -75,6 +82,8 @@ pub const PLATFORM_LOSSES: &str = "platform:losses";
 pub const EXTERNAL_TOPUPS: &str = "external:topups";
 /// The sink of money paid out to creators.
 pub const EXTERNAL_PAYOUTS: &str = "external:payouts";
+/// Most server owners the ledger keeps in memory (beyond it, they are read each time).
+const MAX_CACHED_OWNERS: usize = 100_000;
 /// Micros in one US cent: payouts are whole cents.
 pub const CENT_MICROS: i64 = 10_000;
 
@@ -270,6 +279,8 @@ pub struct Ledger {
     plans: Arc<PlanBook>,
     /// The group commit of the call path's writes (SQLite), shared by clones.
     group: Arc<group::GroupCommit>,
+    /// Server id → owner account id (immutable facts), shared by clones.
+    owners: Arc<dashmap::DashMap<String, String>>,
 }
 
 impl Ledger {
@@ -280,6 +291,7 @@ impl Ledger {
             clock: Arc::new(SystemClock),
             plans: Arc::new(PlanBook::builtin()),
             group: Arc::default(),
+            owners: Arc::default(),
         }
     }
 
@@ -589,12 +601,7 @@ impl Ledger {
         let wallet = wallet_id(&account_id);
         match outcome {
             Outcome::Settled => {
-                let owner: String =
-                    sqlx::query("SELECT owner_account_id FROM servers WHERE id = $1")
-                        .bind(&server_id)
-                        .fetch_one(&mut **tx)
-                        .await?
-                        .try_get(0)?;
+                let owner = self.owner_of(tx, &server_id).await?;
                 let earnings = earnings_id(&owner);
                 post_transfer(
                     tx,
@@ -635,6 +642,24 @@ impl Ledger {
             }
         }
         balance_of(tx, &wallet).await
+    }
+
+    /// The owner account of `server_id`, whose earnings a settled call credits. A
+    /// server's owner never changes (no statement updates `servers.owner_account_id`),
+    /// so it is read once per server and kept.
+    async fn owner_of(&self, tx: &mut Tx, server_id: &str) -> Result<String, BillingError> {
+        if let Some(owner) = self.owners.get(server_id) {
+            return Ok(owner.clone());
+        }
+        let owner: String = sqlx::query("SELECT owner_account_id FROM servers WHERE id = $1")
+            .bind(server_id)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get(0)?;
+        if self.owners.len() < MAX_CACHED_OWNERS {
+            self.owners.insert(server_id.to_owned(), owner.clone());
+        }
+        Ok(owner)
     }
 
     /// The balances of `account_id` in micros (wallet, its open holds, its earnings).
@@ -1072,41 +1097,85 @@ async fn write_entries(
     update_balance: impl Fn(&str) -> bool,
 ) -> Result<(), BillingError> {
     debug_assert_eq!(entries.iter().map(|(_, a)| a).sum::<i64>(), 0);
-    let mut ordered: Vec<&(&str, i64)> = entries.iter().collect();
+    let mut ordered: Vec<&(&str, i64)> = entries.iter().filter(|(_, a)| *a != 0).collect();
     ordered.sort_by_key(|(account, _)| (lock_rank(account), *account));
-    for (account, amount) in ordered {
-        if *amount == 0 {
-            continue;
+    if ordered.is_empty() {
+        return Ok(());
+    }
+    // One statement for all entries (a transfer has two or three).
+    let mut sql =
+        String::from("INSERT INTO ledger_entries (transfer_id, ledger_account_id, amount) VALUES ");
+    for i in 0..ordered.len() {
+        if i > 0 {
+            sql.push_str(", ");
         }
-        sqlx::query("INSERT INTO ledger_entries (transfer_id, ledger_account_id, amount) VALUES ($1, $2, $3)")
-            .bind(&transfer.0)
-            .bind(*account)
-            .bind(*amount)
-            .execute(&mut **tx)
-            .await?;
-        if update_balance(account) {
-            let updated =
-                sqlx::query("UPDATE ledger_accounts SET balance = balance + $1 WHERE id = $2")
-                    .bind(*amount)
-                    .bind(*account)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(|e| {
-                        if is_check_violation(&e) {
-                            BillingError::InvalidAmount(format!("{account} would go below zero"))
-                        } else {
-                            BillingError::from(e)
-                        }
-                    })?
-                    .rows_affected();
-            if updated != 1 {
-                return Err(BillingError::InvalidAmount(format!(
-                    "no ledger account {account}"
-                )));
+        sql.push_str(&format!("($1, ${}, ${})", 2 * i + 2, 2 * i + 3));
+    }
+    // Only placeholders are spliced in; every value is bound.
+    let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&transfer.0);
+    for (account, amount) in &ordered {
+        insert = insert.bind(*account).bind(*amount);
+    }
+    insert.execute(&mut **tx).await?;
+    let moved: Vec<&(&str, i64)> = ordered
+        .into_iter()
+        .filter(|(account, _)| update_balance(account))
+        .collect();
+    if tx.backend_name() == "SQLite" && moved.len() > 1 {
+        // SQLite has one writer, so no lock order to keep: one statement moves them all.
+        let mut sql = String::from("UPDATE ledger_accounts SET balance = balance + CASE id");
+        for i in 0..moved.len() {
+            sql.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2));
+        }
+        sql.push_str(" END WHERE id IN (");
+        for i in 0..moved.len() {
+            if i > 0 {
+                sql.push_str(", ");
             }
+            sql.push_str(&format!("${}", 2 * i + 1));
+        }
+        sql.push(')');
+        let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (account, amount) in &moved {
+            update = update.bind(*account).bind(*amount);
+        }
+        let updated = update
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| balance_error(e, "a ledger account"))?
+            .rows_affected();
+        if updated != moved.len() as u64 {
+            return Err(BillingError::InvalidAmount(
+                "a ledger account of the transfer does not exist".into(),
+            ));
+        }
+        return Ok(());
+    }
+    // PostgreSQL: one row at a time, in the lock order (see `lock_rank`).
+    for (account, amount) in moved {
+        let updated =
+            sqlx::query("UPDATE ledger_accounts SET balance = balance + $1 WHERE id = $2")
+                .bind(*amount)
+                .bind(*account)
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| balance_error(e, account))?
+                .rows_affected();
+        if updated != 1 {
+            return Err(BillingError::InvalidAmount(format!(
+                "no ledger account {account}"
+            )));
         }
     }
     Ok(())
+}
+
+fn balance_error(e: sqlx::Error, account: &str) -> BillingError {
+    if is_check_violation(&e) {
+        BillingError::InvalidAmount(format!("{account} would go below zero"))
+    } else {
+        BillingError::from(e)
+    }
 }
 
 /// Writes a transfer and its entries, and moves every touched balance. Returns its id.
