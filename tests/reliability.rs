@@ -609,6 +609,8 @@ async fn upstream_progress_reaches_the_client_during_the_call() {
         handle.cancel(None).await.unwrap();
         wait_until(|| async { fault.state.count("notifications/cancelled") == 1 }).await;
         client.cancel().await.ok();
+        // The cancelled call's refund may still be committing: verify once it is.
+        wait_until(|| async { market.platform().await.holds_micros == 0 }).await;
         market.assert_ledger_ok().await;
         market.stop().await;
         fault.stop().await;
