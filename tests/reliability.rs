@@ -572,7 +572,7 @@ impl rmcp::ClientHandler for Listening {
 }
 
 #[tokio::test]
-async fn upstream_progress_reaches_the_client_during_the_call() {
+async fn upstream_progress_and_log_messages_reach_the_client_during_the_call() {
     use rmcp::model::{CallToolRequest, ClientRequest, ProgressToken, RequestMetaObject};
     use rmcp::service::PeerRequestOptions;
     for backend in backends() {
@@ -588,26 +588,41 @@ async fn upstream_progress_reaches_the_client_during_the_call() {
         let client = rmcp::ServiceExt::serve(listening.clone(), transport)
             .await
             .unwrap();
-        let handle = client
-            .peer()
-            .send_cancellable_request(
-                ClientRequest::CallToolRequest(CallToolRequest::new(
-                    CallToolRequestParams::new("faulty__sleep")
-                        .with_arguments(args(json!({"ms": 30_000}))),
-                )),
-                PeerRequestOptions::no_options().with_meta(RequestMetaObject::with_progress_token(
-                    ProgressToken(rmcp::model::NumberOrString::String("mine".into())),
-                )),
-            )
-            .await
-            .unwrap();
-        // Progress arrives while the call is still running upstream. (rmcp upstreams
-        // send log messages on their standalone GET stream, not on the call's stream,
-        // so they are not part of this call; see README "Reliability".)
-        wait_until(|| async { listening.progress.load(Ordering::SeqCst) == 1 }).await;
-        assert_eq!(fault.state.tool_calls(), 1);
-        handle.cancel(None).await.unwrap();
-        wait_until(|| async { fault.state.count("notifications/cancelled") == 1 }).await;
+        // Two calls in flight on one client session, each sleeping upstream after
+        // sending progress and one log message.
+        let mut handles = Vec::new();
+        for token in ["first", "second"] {
+            let handle = client
+                .peer()
+                .send_cancellable_request(
+                    ClientRequest::CallToolRequest(CallToolRequest::new(
+                        CallToolRequestParams::new("faulty__sleep")
+                            .with_arguments(args(json!({"ms": 30_000}))),
+                    )),
+                    PeerRequestOptions::no_options().with_meta(
+                        RequestMetaObject::with_progress_token(ProgressToken(
+                            rmcp::model::NumberOrString::String(token.into()),
+                        )),
+                    ),
+                )
+                .await
+                .unwrap();
+            handles.push(handle);
+        }
+        // Progress (on each call's stream) and the upstream's log messages (rmcp upstreams
+        // send them on their standalone GET stream) arrive while the calls are still
+        // running upstream: one of each per call, none twice although both calls of the
+        // client hear the stream.
+        wait_until(|| async { listening.progress.load(Ordering::SeqCst) == 2 }).await;
+        wait_until(|| async { listening.logs.load(Ordering::SeqCst) == 2 }).await;
+        assert_eq!(fault.state.tool_calls(), 2);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(listening.logs.load(Ordering::SeqCst), 2);
+        assert_eq!(listening.progress.load(Ordering::SeqCst), 2);
+        for handle in handles {
+            handle.cancel(None).await.unwrap();
+        }
+        wait_until(|| async { fault.state.count("notifications/cancelled") == 2 }).await;
         client.cancel().await.ok();
         // The cancelled call's refund may still be committing: verify once it is.
         wait_until(|| async { market.platform().await.holds_micros == 0 }).await;

@@ -522,38 +522,58 @@ async fn forward(
     if client_token.is_some() {
         params["_meta"] = json!({"progressToken": call_id});
     }
+    // Messages of the call's own stream and of the session's standalone stream (log
+    // messages) reach the client while the call runs; `tools/list_changed` is not relayed
+    // but refreshes the catalog.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    let peer = ctx.peer.clone();
-    let our_token = call_id.to_owned();
-    let forwarder = tokio::spawn(async move {
+    let client_session = ctx
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|p| p.headers.get("mcp-session-id"))
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| call_id.to_owned(), str::to_owned);
+    let relay_to_client = async {
         while let Some(message) = rx.recv().await {
-            relay(&peer, &message, &our_token, client_token.as_ref()).await;
-        }
-    });
-    let on_message = |message: Value| {
-        if message.get("method").and_then(Value::as_str) == Some("notifications/tools/list_changed")
-        {
-            app.request_refresh(&server.id);
-        } else {
-            let _ = tx.send(message);
+            if message.get("method").and_then(Value::as_str)
+                == Some("notifications/tools/list_changed")
+            {
+                app.request_refresh(&server.id);
+            } else {
+                relay(&ctx.peer, &message, call_id, client_token.as_ref()).await;
+            }
         }
     };
     let timeout = Duration::from_millis(server.timeout_ms as u64);
-    let sent = crate::upstream::failover::send(
-        app,
-        &key.account_id,
-        server,
-        &fixed,
-        "tools/call",
-        params,
-        &extra,
-        &on_message,
-        retry_safe,
-        timeout,
-        &ctx.ct,
-    )
-    .await;
-    let outcome = match sent {
+    let send = {
+        let relay = crate::upstream::failover::Relay {
+            client: client_session,
+            tx: tx.clone(),
+        };
+        let on_message = move |message: Value| {
+            let _ = tx.send(message);
+        };
+        // Both senders drop when the send ends, which ends `relay_to_client` once it has
+        // passed on what was received.
+        async move {
+            crate::upstream::failover::send(
+                app,
+                &key.account_id,
+                server,
+                &fixed,
+                "tools/call",
+                params,
+                &extra,
+                &on_message,
+                Some(&relay),
+                retry_safe,
+                timeout,
+                &ctx.ct,
+            )
+            .await
+        }
+    };
+    let (sent, ()) = tokio::join!(send, relay_to_client);
+    match sent {
         Ok(result) => serde_json::from_value::<CallToolResult>(result).map_err(|_| {
             Failure::Upstream(UpstreamError::Protocol(
                 "the result is not a CallToolResult".into(),
@@ -561,10 +581,7 @@ async fn forward(
         }),
         Err(crate::upstream::failover::SendError::Upstream(e)) => Err(Failure::Upstream(e)),
         Err(crate::upstream::failover::SendError::Cancelled) => Err(Failure::Cancelled),
-    };
-    drop(tx);
-    let _ = forwarder.await;
-    outcome
+    }
 }
 
 // Logging is deprecated by SEP-2577 but upstreams on protocol versions up to 2025-11-25

@@ -16,10 +16,14 @@
 //! - redirects are never followed, no proxy is used, and names resolve only through
 //!   the SSRF-checking resolver (`security::ssrf`); `TCP_NODELAY` is set;
 //! - every request carries the session's fixed headers: `X-MCP-Marketplace-Secret`
-//!   and the creator's credentials, marked sensitive so `Debug` never shows them.
+//!   and the creator's credentials, marked sensitive so `Debug` never shows them;
+//! - while calls are in flight on a session, its standalone GET stream is kept open
+//!   (MCP 2025-06-18 "Listening for Messages from the Server") and what the upstream
+//!   sends there, such as log messages, reaches those calls ([`UpstreamSession::subscribe`]);
+//!   it is resumed with `Last-Event-ID` after a break ("Resumability and Redelivery").
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -40,6 +44,11 @@ pub const SECRET_HEADER: &str = "x-mcp-marketplace-secret";
 pub const TOKEN_HEADER: &str = "x-mcp-marketplace-token";
 /// The header carrying the call id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// How long the first call of a session waits for the standalone stream to open, so
+/// that what the upstream sends there during the call is not missed.
+const STREAM_OPEN_WAIT: Duration = Duration::from_secs(1);
+/// After the standalone stream failed or ended, no new attempt before this long.
+const STREAM_RETRY_PAUSE_MS: i64 = 5_000;
 
 /// Why an upstream exchange failed. Messages never carry the upstream URL or secrets.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -141,6 +150,81 @@ pub struct UpstreamSession {
     next_id: AtomicI64,
     last_used_ms: AtomicI64,
     max_response_bytes: usize,
+    /// The calls hearing the standalone stream, and that stream's state.
+    listeners: Arc<Mutex<Listeners>>,
+}
+
+impl Drop for UpstreamSession {
+    fn drop(&mut self) {
+        lock(&self.listeners).stop_stream();
+    }
+}
+
+/// Who hears the upstream's standalone GET stream, and how that stream stands.
+#[derive(Debug, Default)]
+struct Listeners {
+    next_subscription: u64,
+    /// (subscription id, downstream client session, sender), oldest first.
+    subscribers: Vec<(u64, String, tokio::sync::mpsc::UnboundedSender<Value>)>,
+    /// The task reading the stream, its number, and the upstream session id it reads.
+    stream: Option<(tokio::task::AbortHandle, u64, Option<String>)>,
+    streams_opened: u64,
+    /// The upstream answered the GET with 405: it offers no standalone stream.
+    unsupported: bool,
+    /// No new attempt before this, epoch ms (after a failure or an end).
+    retry_at_ms: i64,
+    /// The `id` of the last SSE event read, sent as `Last-Event-ID` when resuming.
+    last_event_id: Option<String>,
+}
+
+impl Listeners {
+    fn stop_stream(&mut self) {
+        if let Some((task, _, _)) = self.stream.take() {
+            task.abort();
+        }
+    }
+
+    /// Hands `message` to the calls in flight: a progress notification to every one (each
+    /// keeps only its own token), anything else to one call per downstream client session
+    /// (the oldest), so a client with several calls in flight sees it once.
+    fn route(&self, message: &Value) {
+        let progress =
+            message.get("method").and_then(Value::as_str) == Some("notifications/progress");
+        let mut reached: Vec<&str> = Vec::new();
+        for (_, client, tx) in &self.subscribers {
+            if !progress {
+                if reached.contains(&client.as_str()) {
+                    continue;
+                }
+                reached.push(client);
+            }
+            let _ = tx.send(message.clone());
+        }
+    }
+}
+
+/// Locks `listeners`, recovering from a panic of another holder (the state stays valid:
+/// every change under the lock is a single assignment or push/retain).
+fn lock(listeners: &Mutex<Listeners>) -> MutexGuard<'_, Listeners> {
+    listeners
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Keeps a call subscribed to its session's standalone stream
+/// ([`UpstreamSession::subscribe`]); dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    listeners: Arc<Mutex<Listeners>>,
+    id: u64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        lock(&self.listeners)
+            .subscribers
+            .retain(|(id, _, _)| *id != self.id);
+    }
 }
 
 /// Receives the notifications and requests an upstream sends before its response.
@@ -165,7 +249,72 @@ impl UpstreamSession {
             next_id: AtomicI64::new(1),
             last_used_ms: AtomicI64::new(now_ms()),
             max_response_bytes,
+            listeners: Arc::default(),
         }
+    }
+
+    /// Subscribes a call to what the upstream sends on the session's standalone GET
+    /// stream (MCP 2025-06-18 "Listening for Messages from the Server"; rmcp upstreams
+    /// send their log messages there, not on the call's own stream) until the returned
+    /// [`Subscription`] is dropped. `client` names the downstream client session: a
+    /// message other than progress goes to one subscribed call per client session.
+    /// The stream itself is opened by the next [`UpstreamSession::request_tracked`].
+    pub fn subscribe(
+        &self,
+        client: String,
+        tx: tokio::sync::mpsc::UnboundedSender<Value>,
+    ) -> Subscription {
+        let mut listeners = lock(&self.listeners);
+        listeners.next_subscription += 1;
+        let id = listeners.next_subscription;
+        listeners.subscribers.push((id, client, tx));
+        Subscription {
+            listeners: self.listeners.clone(),
+            id,
+        }
+    }
+
+    /// Opens the standalone stream of session `info` when calls are subscribed and it is
+    /// not open (or was opened for a session the upstream since lost), then waits up to
+    /// [`STREAM_OPEN_WAIT`] for the upstream to accept it. An upstream without a stream
+    /// (HTTP 405) is not asked again; after any other failure, not for
+    /// [`STREAM_RETRY_PAUSE_MS`]. Never fails the call.
+    async fn ensure_listening(&self, info: &SessionInfo) {
+        let opened = {
+            let mut listeners = lock(&self.listeners);
+            if listeners.subscribers.is_empty() || listeners.unsupported {
+                return;
+            }
+            match &listeners.stream {
+                Some((_, _, session)) if *session == info.session_id => return,
+                Some(_) => {
+                    // The upstream renewed the session: the old stream is dead.
+                    listeners.stop_stream();
+                    listeners.last_event_id = None;
+                    listeners.retry_at_ms = 0;
+                }
+                None => {}
+            }
+            if now_ms() < listeners.retry_at_ms {
+                return;
+            }
+            listeners.streams_opened += 1;
+            let number = listeners.streams_opened;
+            let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+            let stream = StandaloneStream {
+                http: self.http.clone(),
+                url: self.url.clone(),
+                fixed: self.fixed.clone(),
+                info: info.clone(),
+                resume_from: listeners.last_event_id.clone(),
+                listeners: self.listeners.clone(),
+                number,
+            };
+            let task = tokio::spawn(stream.run(opened_tx));
+            listeners.stream = Some((task.abort_handle(), number, info.session_id.clone()));
+            opened_rx
+        };
+        let _ = tokio::time::timeout(STREAM_OPEN_WAIT, opened).await;
     }
 
     /// When the session last sent a request, epoch ms.
@@ -230,6 +379,7 @@ impl UpstreamSession {
         let mut reinitialized = false;
         loop {
             let info = self.session(reinitialized).await?;
+            self.ensure_listening(&info).await;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             track.id.store(id, Ordering::SeqCst);
             track.sent.store(true, Ordering::SeqCst);
@@ -333,8 +483,10 @@ impl UpstreamSession {
         Ok(RawAnswer { status, message })
     }
 
-    /// Ends the session: `DELETE` with `Mcp-Session-Id` (best effort).
+    /// Ends the session: `DELETE` with `Mcp-Session-Id` (best effort), after closing
+    /// its standalone stream.
     pub async fn close(&self) {
+        lock(&self.listeners).stop_stream();
         let info = self.state.lock().await.take();
         if let Some(SessionInfo {
             session_id: Some(id),
@@ -579,6 +731,96 @@ impl UpstreamSession {
             }
         }
         Ok(())
+    }
+}
+
+/// The task reading one upstream session's standalone GET stream for the calls
+/// subscribed to it.
+struct StandaloneStream {
+    http: reqwest::Client,
+    url: String,
+    fixed: HeaderMap,
+    info: SessionInfo,
+    resume_from: Option<String>,
+    listeners: Arc<Mutex<Listeners>>,
+    number: u64,
+}
+
+impl StandaloneStream {
+    /// Opens the stream (resuming after `resume_from` when set), tells `opened` once
+    /// the upstream accepted it or refused it, then routes every message until the
+    /// stream ends, breaks or the task is aborted.
+    async fn run(self, opened: tokio::sync::oneshot::Sender<()>) {
+        let mut req = self
+            .http
+            .get(&self.url)
+            .header(http::header::ACCEPT, "text/event-stream")
+            .headers(self.fixed.clone())
+            .header("mcp-protocol-version", &self.info.protocol_version);
+        if let Some(id) = &self.info.session_id {
+            req = req.header("mcp-session-id", id);
+        }
+        if let Some(last) = &self.resume_from {
+            req = req.header("last-event-id", last);
+        }
+        let response = req.send().await;
+        let _ = opened.send(());
+        let response = match response {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) if r.status() == http::StatusCode::METHOD_NOT_ALLOWED => {
+                tracing::debug!("the upstream offers no standalone stream");
+                self.ended(true);
+                return;
+            }
+            Ok(r) => {
+                tracing::debug!(
+                    status = r.status().as_u16(),
+                    "the upstream refused its standalone stream"
+                );
+                self.ended(false);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %UpstreamError::from_reqwest(&e), "cannot open the upstream's standalone stream");
+                self.ended(false);
+                return;
+            }
+        };
+        let bytes = response
+            .bytes_stream()
+            .map(|c| c.map_err(|e| CapError(e.to_string())));
+        let mut events = std::pin::pin!(sse_stream::SseStream::from_bytes_stream(bytes));
+        // A resumed stream starts again at the last event read before (rmcp replays from
+        // the index given, inclusive): that one is skipped.
+        let mut repeat = self.resume_from.clone();
+        while let Some(Ok(event)) = events.next().await {
+            // Events without data (priming, keep-alive) carry nothing to route.
+            let Some(message) = event
+                .data
+                .filter(|d| !d.trim().is_empty())
+                .and_then(|d| serde_json::from_str::<Value>(&d).ok())
+            else {
+                continue;
+            };
+            if let Some(id) = event.id.filter(|id| !id.is_empty()) {
+                if repeat.take().as_deref() == Some(id.as_str()) {
+                    continue;
+                }
+                lock(&self.listeners).last_event_id = Some(id);
+            }
+            lock(&self.listeners).route(&message);
+        }
+        self.ended(false);
+    }
+
+    /// Forgets this stream (unless a newer one replaced it) and sets when to try again.
+    fn ended(&self, unsupported: bool) {
+        let mut listeners = lock(&self.listeners);
+        if matches!(listeners.stream, Some((_, n, _)) if n == self.number) {
+            listeners.stream = None;
+        }
+        listeners.unsupported |= unsupported;
+        listeners.retry_at_ms = now_ms() + STREAM_RETRY_PAUSE_MS;
     }
 }
 

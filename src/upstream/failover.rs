@@ -42,6 +42,17 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
 /// Longest pause between attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
+/// Where a call hears what its upstream session's standalone stream carries while the
+/// call is in flight (log messages; see [`UpstreamSession::subscribe`]).
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// The downstream client session (its `Mcp-Session-Id`, or a value of its own for a
+    /// client without one).
+    pub client: String,
+    /// Receives each message as JSON-RPC JSON.
+    pub tx: tokio::sync::mpsc::UnboundedSender<Value>,
+}
+
 /// Why [`send`] gave up.
 #[derive(Debug)]
 pub enum SendError {
@@ -83,7 +94,8 @@ pub fn is_endpoint_failure(e: &UpstreamError) -> bool {
 /// One call: sends `method` with `params` (and `extra` headers) for `account_id` to an
 /// endpoint of `server`, with failover and safe retries (see the module docs), within
 /// `timeout`, until `cancel` or the app's drain token fires. `retry_safe` says the tool
-/// may be sent twice. Messages before the answer go to `on_message`.
+/// may be sent twice. Messages before the answer go to `on_message`; with `relay`, the
+/// call also hears the session's standalone stream during each attempt.
 ///
 /// # Errors
 /// [`SendError`].
@@ -97,6 +109,7 @@ pub async fn send(
     params: Value,
     extra: &HeaderMap,
     on_message: OnMessage<'_>,
+    relay: Option<&Relay>,
     retry_safe: bool,
     timeout: Duration,
     cancel: &CancellationToken,
@@ -134,6 +147,7 @@ pub async fn send(
             continue;
         };
         let track = Track::default();
+        let _subscription = relay.map(|r| session.subscribe(r.client.clone(), r.tx.clone()));
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(deadline, session.request_tracked(method, params.clone(), extra, on_message, &track)) => {
                 r.unwrap_or(Err(UpstreamError::Timeout))
