@@ -93,6 +93,11 @@ pub struct App {
     pub config: Config,
     /// The database.
     pub store: Store,
+    /// Change versions of the in-memory snapshots (the store's, see
+    /// [`crate::store::versions`]): a write through this process is seen by the next
+    /// request, a write by another process within one second (the poller runs every
+    /// 250 ms while the app serves).
+    pub versions: Arc<crate::store::Versions>,
     /// The ledger.
     pub ledger: Ledger,
     /// The catalog.
@@ -206,6 +211,7 @@ impl App {
             config,
             ledger,
             signer,
+            versions: store.versions().clone(),
             store,
             refresh_tx,
             refresh_rx: std::sync::Mutex::new(Some(refresh_rx)),
@@ -665,6 +671,12 @@ impl App {
 
     fn spawn_background(self: &Arc<Self>) {
         let token = self.shutdown.clone();
+        // The snapshot version poller: writes by other processes reach every cache
+        // within one second.
+        let versions = self.versions.clone();
+        let t = token.clone();
+        self.tasks
+            .spawn(async move { versions.run_poller(t).await });
         // The alert outbox's delivery worker.
         let worker = self.alerts.clone();
         let t = token.clone();

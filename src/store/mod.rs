@@ -7,11 +7,16 @@
 //! parameters as long as each first appears in order), integers are 64-bit, times are
 //! Unix epoch milliseconds and money is integer micros.
 
+pub mod versions;
+
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Executor, Transaction};
+
+pub use versions::{Domain, Versions};
 
 /// How long a caller waits for a pooled connection before [`StoreError::Database`].
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,6 +56,7 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    versions: Arc<Versions>,
 }
 
 /// A database transaction; commit it with `tx.commit().await`, or drop it to roll back.
@@ -118,12 +124,24 @@ impl Store {
             Backend::Sqlite => SQLITE_MIGRATOR.run(&pool).await?,
             Backend::Postgres => POSTGRES_MIGRATOR.run(&pool).await?,
         }
-        Ok(Self { pool, backend })
+        let versions = Arc::new(Versions::new(pool.clone()));
+        Ok(Self {
+            pool,
+            backend,
+            versions,
+        })
     }
 
     /// The connection pool, for single-statement reads and writes.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The snapshot change versions of this store's database, shared by every clone of
+    /// the store (see [`versions`]): writers call `invalidate`, snapshots read
+    /// `generation`.
+    pub fn versions(&self) -> &Arc<Versions> {
+        &self.versions
     }
 
     /// The engine behind this store.
