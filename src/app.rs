@@ -27,6 +27,7 @@ use crate::security::policy::{Defaults, Effective, Policies, PolicyError};
 use crate::security::ratelimit::{AccountLimitSource, AccountLimits, ConcurrencyCaps, RateLimiter};
 use crate::security::ssrf::{Lookup, SystemLookup};
 use crate::security::vault::{Vault, VaultError};
+use crate::store::versions::Domain;
 use crate::store::{Store, StoreError, now_ms};
 use crate::upstream::{UpstreamError, Upstreams};
 
@@ -41,6 +42,13 @@ const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(60);
 const RESULT_FLUSH: Duration = Duration::from_millis(250);
 /// Extra time, beyond a server's timeout, before a hold counts as abandoned (ms).
 pub const HOLD_GRACE_MS: i64 = 60_000;
+/// Longest a cached effective trust policy is used (ms), whatever the generations: a
+/// plan change scheduled for a time (`account_plans.effective_at`) takes effect within
+/// one second without any write.
+const POLICY_CACHE_MS: i64 = 1_000;
+/// Most entries of each per-process cache of the call path (policies, upstream
+/// headers); past it the cache starts afresh.
+const CACHE_CAPACITY: usize = 100_000;
 
 /// Errors that cross domains (the CLI and the REST API map them).
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +132,14 @@ pub struct App {
     pub call_health: crate::upstream::health::CallHealth,
     /// The alert outbox's delivery worker (run as a background task).
     pub alerts: crate::alerts::worker::Worker,
+    /// Authenticated keys served from memory (see [`KeyCache`]).
+    pub keys: crate::auth::keys::KeyCache,
+    /// Effective trust policies by (server id or "", account id, key id), with the auth
+    /// generation and the time (epoch ms) they were built at.
+    policy_cache: DashMap<(String, String, String), (u64, i64, Effective)>,
+    /// Fixed upstream headers (secret and decrypted credentials) by server id, with the
+    /// catalog and auth generations they were built at.
+    header_cache: DashMap<String, (u64, u64, http::HeaderMap)>,
     account_limits: std::sync::RwLock<Option<Arc<dyn AccountLimitSource>>>,
     refresh_tx: mpsc::UnboundedSender<String>,
     refresh_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
@@ -202,6 +218,9 @@ impl App {
             concurrency: ConcurrencyCaps::default(),
             breakers: crate::upstream::breaker::Breakers::new(config.reliability.breaker),
             call_health: crate::upstream::health::CallHealth::default(),
+            keys: crate::auth::keys::KeyCache::default(),
+            policy_cache: DashMap::new(),
+            header_cache: DashMap::new(),
             // Billing plans set per-account rate limits (replaceable by embedders/tests).
             account_limits: std::sync::RwLock::new(Some(Arc::new(crate::billing::PlanLimits(
                 ledger.clone(),
@@ -356,12 +375,35 @@ impl App {
 
     /// The headers every upstream request to `server` carries: its
     /// `X-MCP-Marketplace-Secret` and the creator's decrypted credentials (sensitive).
+    /// Served from memory while the catalog and auth generations are the ones they were
+    /// built at, so a rotated secret or new credentials reach the next call.
     ///
     /// # Errors
     /// [`AppError::Catalog`], [`AppError::Credential`].
     pub async fn upstream_headers(&self, server: &Server) -> Result<http::HeaderMap, AppError> {
+        // Generations read before the store: a change committed meanwhile makes the
+        // entry stale at once.
+        let generations = (
+            self.versions.generation(Domain::Catalog),
+            self.versions.generation(Domain::Auth),
+        );
+        if let Some(entry) = self.header_cache.get(&server.id) {
+            let (catalog, auth, headers) = entry.value();
+            if (*catalog, *auth) == generations {
+                return Ok(headers.clone());
+            }
+        }
         let secret = self.catalog.secret(&server.id).await?;
-        Ok(credentials::upstream_headers(&self.store, &self.vault, &server.id, &secret).await?)
+        let headers =
+            credentials::upstream_headers(&self.store, &self.vault, &server.id, &secret).await?;
+        if self.header_cache.len() >= CACHE_CAPACITY {
+            self.header_cache.clear();
+        }
+        self.header_cache.insert(
+            server.id.clone(),
+            (generations.0, generations.1, headers.clone()),
+        );
+        Ok(headers)
     }
 
     /// Replaces the upstream credentials of `slug` (validated, encrypted) and closes its
@@ -400,6 +442,8 @@ impl App {
     /// [`AppError::Catalog`].
     pub async fn rotate_secret(&self, actor: &Actor, slug: &str) -> Result<String, AppError> {
         let (server, secret) = self.catalog.rotate_secret(slug).await?;
+        // The cached upstream headers carry the old secret.
+        self.versions.invalidate(Domain::Auth);
         let _ = audit::record(
             &self.store,
             actor,
@@ -422,7 +466,8 @@ impl App {
 
     /// The trust policy of one call by `key` (to `server_id` for an upstream tool):
     /// the configured defaults, the database's overrides and the account limit source,
-    /// per `security::policy`.
+    /// per `security::policy`. Served from memory while the auth generation is the one
+    /// it was built at and for at most one second (see [`crate::store::versions`]).
     ///
     /// # Errors
     /// [`AppError::Policy`].
@@ -431,6 +476,19 @@ impl App {
         server_id: Option<&str>,
         key: &KeyContext,
     ) -> Result<Effective, AppError> {
+        let generation = self.versions.generation(Domain::Auth);
+        let now = now_ms();
+        let cache_key = (
+            server_id.unwrap_or("").to_owned(),
+            key.account_id.clone(),
+            key.key_id.clone(),
+        );
+        if let Some(entry) = self.policy_cache.get(&cache_key) {
+            let (at, built_ms, policy) = entry.value();
+            if *at == generation && now - built_ms < POLICY_CACHE_MS {
+                return Ok(policy.clone());
+            }
+        }
         let subjects = self
             .policies
             .for_call(server_id, &key.account_id, &key.key_id)
@@ -445,13 +503,19 @@ impl App {
             max_concurrency: self.config.max_concurrency_per_server,
             scan: self.config.scan_mode,
         };
-        Ok(Effective::resolve(
+        let policy = Effective::resolve(
             &defaults,
             &subjects.server,
             &subjects.account,
             &subjects.key,
             &plan,
-        ))
+        );
+        if self.policy_cache.len() >= CACHE_CAPACITY {
+            self.policy_cache.clear();
+        }
+        self.policy_cache
+            .insert(cache_key, (generation, now, policy.clone()));
+        Ok(policy)
     }
 
     /// Installs `slug` for `account_id` and tells the account's open sessions.

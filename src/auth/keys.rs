@@ -4,9 +4,11 @@
 use std::fmt;
 use std::str::FromStr;
 
+use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
+use crate::store::versions::Domain;
 use crate::store::{Store, StoreError, now_ms};
 
 /// The prefix of every key.
@@ -434,7 +436,8 @@ pub async fn key_id_of(store: &Store, id_or_prefix: &str) -> Result<String, KeyE
 }
 
 /// Revokes the key whose id or shown prefix is `id_or_prefix`. Effective on the next
-/// request of every session using it (keys are checked on every request). Returns the
+/// request of every session of this process using it (the auth generation moves, see
+/// [`KeyCache`]), and within one second in every other marketplace process. Returns the
 /// revoked key's id.
 ///
 /// # Errors
@@ -446,19 +449,22 @@ pub async fn revoke_key(store: &Store, id_or_prefix: &str) -> Result<String, Key
         .bind(&id)
         .execute(store.pool())
         .await?;
+    store.versions().invalidate(Domain::Auth);
     Ok(id)
 }
 
-/// Authenticates a presented key: known hash, not revoked, not expired.
-///
-/// Keys are read from the store on every request, never cached, so a revocation or
-/// an expiry takes effect on the very next request of every open session. The rule
-/// is that a revoked key stops working within one second: a later cache of keys (for
-/// speed) must keep its entries for at most one second or be invalidated on revoke.
+/// Authenticates a presented key: known hash, not revoked, not expired, reading the
+/// store (no cache; the request path uses [`KeyCache::authenticate`]).
 ///
 /// # Errors
 /// [`KeyError::Unauthorized`] (one answer for every reason), [`KeyError::Store`].
 pub async fn authenticate(store: &Store, presented: &str) -> Result<KeyContext, KeyError> {
+    check_shape(presented)?;
+    lookup(store, &hash_key(presented)).await
+}
+
+/// Refuses what cannot be a key before anything is hashed or read.
+fn check_shape(presented: &str) -> Result<(), KeyError> {
     if !presented.starts_with(KEY_PREFIX)
         || presented.len() > MAX_KEY_LEN
         || !presented[KEY_PREFIX.len()..]
@@ -467,12 +473,17 @@ pub async fn authenticate(store: &Store, presented: &str) -> Result<KeyContext, 
     {
         return Err(KeyError::Unauthorized);
     }
+    Ok(())
+}
+
+/// The key with hash `hash`: one query joining its account.
+async fn lookup(store: &Store, hash: &str) -> Result<KeyContext, KeyError> {
     let row = sqlx::query(
         "SELECT k.id, k.account_id, a.name, k.scopes, k.allow_tools, k.daily_limit_micros, \
          k.monthly_limit_micros, k.expires_at FROM api_keys k JOIN accounts a ON a.id = k.account_id \
          WHERE k.hash = $1 AND k.revoked_at IS NULL",
     )
-    .bind(hash_key(presented))
+    .bind(hash)
     .fetch_optional(store.pool())
     .await?
     .ok_or(KeyError::Unauthorized)?;
@@ -491,6 +502,76 @@ pub async fn authenticate(store: &Store, presented: &str) -> Result<KeyContext, 
         spend_limits: stored_limits(daily, monthly),
         expires_at,
     })
+}
+
+/// Most keys a [`KeyCache`] holds; past it the cache starts afresh, so its memory is
+/// bounded whatever the number of keys in use (about 300 bytes per key).
+pub const KEY_CACHE_CAPACITY: usize = 100_000;
+
+/// Authenticated keys served from memory, so a request costs no query for its key
+/// (issue 7 item 2). Keyed by the key's SHA-256 hash; only keys that authenticated are
+/// kept, so a flood of wrong keys neither fills it nor is answered from it.
+///
+/// An entry is used only while the auth generation it was read at is current
+/// ([`crate::store::versions`]): a revocation or any other change to `api_keys`,
+/// `accounts`, `trust_policies`, `server_credentials` or `account_plans` made through
+/// this process takes effect on its next request; one written by another process (the
+/// CLI, another replica) within one second. An expiry time that passes is checked on
+/// every request.
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    entries: DashMap<String, (u64, KeyContext)>,
+}
+
+impl KeyCache {
+    /// As [`authenticate`], from memory when the key was read at the current auth
+    /// generation.
+    ///
+    /// # Errors
+    /// [`KeyError::Unauthorized`] (one answer for every reason), [`KeyError::Store`].
+    pub async fn authenticate(
+        &self,
+        store: &Store,
+        presented: &str,
+    ) -> Result<KeyContext, KeyError> {
+        check_shape(presented)?;
+        let hash = hash_key(presented);
+        // Read before the lookup: a change committed meanwhile moves the generation past
+        // the one the entry is stored with, so the entry is never used.
+        let generation = store.versions().generation(Domain::Auth);
+        if let Some(entry) = self.entries.get(&hash) {
+            let (at, key) = entry.value();
+            if *at == generation {
+                if key.expires_at.is_some_and(|t| t <= now_ms()) {
+                    return Err(KeyError::Unauthorized);
+                }
+                return Ok(key.clone());
+            }
+        }
+        match lookup(store, &hash).await {
+            Ok(key) => {
+                if self.entries.len() >= KEY_CACHE_CAPACITY {
+                    self.entries.clear();
+                }
+                self.entries.insert(hash, (generation, key.clone()));
+                Ok(key)
+            }
+            Err(e) => {
+                self.entries.remove(&hash);
+                Err(e)
+            }
+        }
+    }
+
+    /// Keys held now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// Extracts the presented key from `Authorization: Bearer …` or `X-API-Key`.

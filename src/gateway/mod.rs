@@ -28,7 +28,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 
 use crate::app::App;
 use crate::auth::KeyContext;
-use crate::auth::keys::{KeyError, authenticate, presented_key};
+use crate::auth::keys::{KeyError, presented_key};
 
 pub use handler::GatewayHandler;
 
@@ -145,7 +145,8 @@ pub fn unauthorized() -> Response {
         .into_response()
 }
 
-/// Authenticates a presented key against the store on every request.
+/// Authenticates a presented key ([`crate::auth::keys::KeyCache`]: from memory while
+/// nothing in the auth tables changed).
 ///
 /// # Errors
 /// [`KeyError::Unauthorized`] when no valid key was presented.
@@ -154,7 +155,7 @@ pub async fn authenticate_request(
     headers: &http::HeaderMap,
 ) -> Result<KeyContext, KeyError> {
     let key = presented_key(headers).ok_or(KeyError::Unauthorized)?;
-    authenticate(&app.store, key).await
+    app.keys.authenticate(&app.store, key).await
 }
 
 /// Middleware: authenticates the key of every MCP request and attaches a [`Caller`];

@@ -184,6 +184,9 @@ pub async fn set_credentials(
         .await?;
     }
     tx.commit().await.map_err(StoreError::from)?;
+    store
+        .versions()
+        .invalidate(crate::store::versions::Domain::Auth);
     Ok(headers
         .iter()
         .map(|(h, _)| CredentialInfo {

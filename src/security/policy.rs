@@ -291,6 +291,9 @@ impl Policies {
                 .bind(id)
                 .execute(self.store.pool())
                 .await?;
+            self.store
+                .versions()
+                .invalidate(crate::store::versions::Domain::Auth);
             return Ok(());
         }
         let redact = (!policy.redact.is_empty())
@@ -313,6 +316,9 @@ impl Policies {
         .bind(now_ms())
         .execute(self.store.pool())
         .await?;
+        self.store
+            .versions()
+            .invalidate(crate::store::versions::Domain::Auth);
         Ok(())
     }
 

@@ -221,6 +221,10 @@ impl Ledger {
             None
         };
         tx.commit().await.map_err(StoreError::from)?;
+        // Plans set per-account rate limits: cached policies are rebuilt.
+        self.store
+            .versions()
+            .invalidate(crate::store::versions::Domain::Auth);
         Ok(PlanChange {
             account_plan_id: row_id,
             plan: plan.id,
@@ -282,6 +286,10 @@ impl Ledger {
             match book_period(&mut tx, &account_id, &row, &plan, month, effective_at, at).await {
                 Ok(_) => {
                     tx.commit().await.map_err(StoreError::from)?;
+                    // Plans set per-account rate limits: cached policies are rebuilt.
+                    self.store
+                        .versions()
+                        .invalidate(crate::store::versions::Domain::Auth);
                     booked += 1;
                 }
                 // Booked meanwhile (another replica, a concurrent plan change).
@@ -306,6 +314,10 @@ impl Ledger {
                     .await?;
                     book_period(&mut tx, &account_id, &lapse_id, &default, month, at, at).await?;
                     tx.commit().await.map_err(StoreError::from)?;
+                    // Plans set per-account rate limits: cached policies are rebuilt.
+                    self.store
+                        .versions()
+                        .invalidate(crate::store::versions::Domain::Auth);
                     booked += 1;
                 }
                 Err(e) => return Err(e),
