@@ -897,3 +897,61 @@ async fn the_billing_migration_keeps_existing_data() {
         store.close().await;
     }
 }
+
+/// Reservations and refunds commit without waiting for their flush (docs/ledger.md
+/// "Durability"); what comes after them is durable again: SQLite's one connection is
+/// back in `synchronous = FULL` (2) after every such batch, and PostgreSQL's
+/// `synchronous_commit` stays `on` outside the ledger's own transactions.
+#[tokio::test]
+async fn relaxed_reservations_leave_every_later_commit_durable() {
+    for backend in backends() {
+        let b = Books::open(backend, "2026-11-16T00:00:00Z").await;
+        let user = b.account("user").await;
+        let creator = b.account("creator").await;
+        let units = b.server(&creator, "units", "0.02_per_request").await;
+        b.ledger.topup(&user.id, 1_000_000, "grant").await.unwrap();
+        let reserved = b.reserve(&user, &units, "convert", 20_000).await.unwrap();
+        let durable = |b: &Books| {
+            let pool = b.store.pool().clone();
+            async move {
+                match backend {
+                    Backend::Sqlite => {
+                        let mode: i64 = sqlx::query("PRAGMA synchronous")
+                            .fetch_one(&pool)
+                            .await
+                            .unwrap()
+                            .try_get(0)
+                            .unwrap();
+                        mode == 2
+                    }
+                    Backend::Postgres => {
+                        let mode: String = sqlx::query("SHOW synchronous_commit")
+                            .fetch_one(&pool)
+                            .await
+                            .unwrap()
+                            .try_get(0)
+                            .unwrap();
+                        mode == "on"
+                    }
+                }
+            }
+        };
+        assert!(durable(&b).await, "{backend:?} after a reservation");
+        b.end(&reserved, End::Refund).await;
+        assert!(durable(&b).await, "{backend:?} after a refund");
+        // Concurrent reservations and refunds (batched together on SQLite).
+        let calls =
+            futures::future::join_all((0..16).map(|_| b.reserve(&user, &units, "convert", 1_000)))
+                .await;
+        futures::future::join_all(
+            calls
+                .into_iter()
+                .map(|c| async { b.end(&c.unwrap(), End::Refund).await }),
+        )
+        .await;
+        assert!(durable(&b).await, "{backend:?} after batches");
+        assert_eq!(b.balance(&user).await.wallet_micros, 1_000_000);
+        b.assert_ok().await;
+        b.close().await;
+    }
+}

@@ -349,7 +349,7 @@ impl AlertEvent {
 /// # Errors
 /// [`StoreError`] when the insert fails (e.g. an unknown `account_id`).
 pub async fn enqueue(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     account_id: &str,
     event: &AlertEvent,
 ) -> Result<String, StoreError> {

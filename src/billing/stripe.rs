@@ -311,7 +311,7 @@ fn usd(object: &Value) -> bool {
 }
 
 async fn find_account(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     reference: &str,
 ) -> Result<Option<(String, String)>, StripeError> {
     let row =
@@ -327,7 +327,7 @@ async fn find_account(
 
 async fn checkout(
     ledger: &Ledger,
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     session: &Value,
     at: i64,
 ) -> Result<WebhookOutcome, StripeError> {
@@ -396,7 +396,7 @@ async fn checkout(
     })
 }
 
-async fn placeholder(tx: &mut Tx, key: &str, at: i64) -> Result<(), StripeError> {
+async fn placeholder(tx: &mut Tx<'_>, key: &str, at: i64) -> Result<(), StripeError> {
     sqlx::query(
         "INSERT INTO stripe_payments (payment_key, created_at) VALUES ($1, $2) ON CONFLICT (payment_key) DO NOTHING",
     )
@@ -411,7 +411,7 @@ async fn placeholder(tx: &mut Tx, key: &str, at: i64) -> Result<(), StripeError>
 /// already, capped at the amount paid; nothing while the payment is not credited.
 async fn reconcile(
     ledger: &Ledger,
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     key: &str,
     at: i64,
 ) -> Result<WebhookOutcome, StripeError> {

@@ -215,7 +215,7 @@ impl Acc {
 /// # Errors
 /// [`CatalogError::Store`].
 pub(crate) async fn record_applied_prices(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     server_id: &str,
     price_micros: i64,
     tool_prices: &BTreeMap<String, i64>,
@@ -230,7 +230,7 @@ pub(crate) async fn record_applied_prices(
 }
 
 async fn insert_change(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     server_id: &str,
     tool: &str,
     price: Option<i64>,
@@ -256,7 +256,7 @@ async fn insert_change(
 
 /// Applies one price to the live tables.
 async fn apply_price(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     server_id: &str,
     tool: &str,
     price: Option<i64>,
@@ -292,7 +292,7 @@ async fn apply_price(
     Ok(())
 }
 
-async fn set_next_change(tx: &mut Tx, server_id: &str) -> Result<(), CatalogError> {
+async fn set_next_change(tx: &mut Tx<'_>, server_id: &str) -> Result<(), CatalogError> {
     sqlx::query(
         "UPDATE servers SET next_price_change_at = \
          (SELECT MIN(effective_at) FROM price_changes WHERE server_id = $1 AND applied_at IS NULL) \

@@ -78,7 +78,7 @@ pub struct ToolChange {
 /// back. Returns true when the visible (approved) tools changed. Runs inside the
 /// caller's transaction.
 pub(crate) async fn replace_pinned(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     server_id: &str,
     fresh: &[FreshTool],
 ) -> Result<bool, CatalogError> {
@@ -145,7 +145,7 @@ pub(crate) async fn replace_pinned(
 /// alert outbox), and sets `alerted_at`; a server still in `pending_review` alerts
 /// nobody (its first tool list is reviewed at approval).
 async fn record_changes(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     server_id: &str,
     fresh: &[FreshTool],
     pins: &std::collections::HashMap<String, String>,
@@ -229,7 +229,7 @@ async fn record_changes(
 /// Enqueues the creator alert of change `change_id` (when the server has an owner to
 /// tell) and marks the change alerted.
 async fn alert(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     owner: Option<&(String, String)>,
     change_id: &str,
     tool: &str,
@@ -255,7 +255,7 @@ async fn alert(
 }
 
 async fn resolve(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     server_id: &str,
     tool: &str,
     state: &str,

@@ -120,7 +120,7 @@ fn pg_tsquery(words: &[String]) -> String {
 /// # Errors
 /// [`CatalogError::Store`].
 pub(crate) async fn reindex(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     backend: Backend,
     server_id: &str,
 ) -> Result<(), CatalogError> {

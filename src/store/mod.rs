@@ -60,7 +60,7 @@ pub struct Store {
 }
 
 /// A database transaction; commit it with `tx.commit().await`, or drop it to roll back.
-pub type Tx = Transaction<'static, Any>;
+pub type Tx<'c> = Transaction<'c, Any>;
 
 impl Store {
     /// Connects to `url` (`sqlite://FILE`, created if missing, or `postgres://…`) and
@@ -153,7 +153,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Database`] when no connection can be had or `BEGIN` fails.
-    pub async fn begin(&self) -> Result<Tx, StoreError> {
+    pub async fn begin(&self) -> Result<Tx<'static>, StoreError> {
         Ok(self.pool.begin().await?)
     }
 

@@ -395,7 +395,7 @@ pub async fn set_status_by_admin(
 /// # Errors
 /// [`StoreError`].
 pub async fn record_event(
-    tx: &mut crate::store::Tx,
+    tx: &mut crate::store::Tx<'_>,
     server: &Server,
     from: ServerStatus,
     to: ServerStatus,

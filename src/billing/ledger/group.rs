@@ -17,9 +17,16 @@
 //!
 //! # What it keeps
 //! - **Durability before the answer.** Every operation of a batch is answered only after
-//!   the batch's `COMMIT` returned, so a call is told "settled" only once its settlement
-//!   is on disk; a crash before that loses the whole batch and no caller was answered
-//!   (the holds of reserved calls are refunded by the sweep, as after any crash).
+//!   the batch's `COMMIT` returned. A batch holding a settlement commits with
+//!   `synchronous = FULL`, so a call is told "settled" only once its settlement is on
+//!   disk; a crash before that loses the whole batch and no caller was answered (the
+//!   holds of reserved calls are refunded by the sweep, as after any crash). A batch of
+//!   reservations and refunds only commits with `synchronous = NORMAL` (no fsync wait;
+//!   the connection goes back to `FULL` before anything else may use it): it is atomic,
+//!   survives a crash of the process, and is made durable by the next `FULL` commit (the
+//!   write-ahead log is synced in order). A power loss can lose such a batch whole, which
+//!   charges nothing: a lost reservation is a call never charged, a lost refund leaves a
+//!   hold the sweep refunds. A lone paid call thus waits for one fsync, not two.
 //! - **Exact checks.** The operations of a batch run one after the other in one
 //!   transaction, each seeing the writes of those before it, so spend limits, quotas
 //!   and the guarded wallet debit are exactly as strict as with one transaction each.
@@ -40,6 +47,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use sqlx::pool::PoolConnection;
+use sqlx::{Acquire, Any};
 use tokio::sync::oneshot;
 
 use super::{BillingError, CallStats, Ledger, Outcome, Reservation};
@@ -136,16 +145,98 @@ impl GroupCommit {
     }
 }
 
+/// The synchronous mode of the store's SQLite connection during one batch; on drop
+/// without [`SyncMode::restore`] (a failed restore, a panic) the connection is closed
+/// rather than returned to the pool in a weaker mode (a new one opens with `FULL`).
+struct SyncMode {
+    conn: PoolConnection<Any>,
+    relaxed: bool,
+}
+
+impl SyncMode {
+    /// Takes the store's connection; `relax` sets `synchronous = NORMAL` on it: a commit
+    /// then returns without waiting for the fsync, and is made durable by the next
+    /// commit in `FULL` mode (the write-ahead log is written and synced in order).
+    async fn take(store: &Store, relax: bool) -> Result<Self, sqlx::Error> {
+        let mut conn = store.pool().acquire().await?;
+        if relax {
+            sqlx::raw_sql("PRAGMA synchronous = NORMAL")
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(Self {
+            conn,
+            relaxed: relax,
+        })
+    }
+
+    /// Puts the connection back in `FULL` mode before it returns to the pool.
+    async fn restore(mut self) {
+        if self.relaxed
+            && sqlx::raw_sql("PRAGMA synchronous = FULL")
+                .execute(&mut *self.conn)
+                .await
+                .is_ok()
+        {
+            self.relaxed = false;
+        }
+    }
+}
+
+impl Drop for SyncMode {
+    fn drop(&mut self) {
+        if self.relaxed {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// True when `op` must be durable before its caller is answered: a settlement (DESIGN.md
+/// "The ledger"; docs/ledger.md "Durability"). A reservation or a refund lost to a
+/// crash leaves the ledger consistent and charges nothing: a lost reservation is a call
+/// never charged, a lost refund leaves a hold the sweep refunds.
+fn needs_durability(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Finish {
+            outcome: Outcome::Settled,
+            ..
+        }
+    )
+}
+
 /// Runs `jobs` in one transaction, each in a savepoint (a lone job needs none: its
-/// failure rolls the transaction back), commits, then answers each.
+/// failure rolls the transaction back), commits, then answers each. The commit waits
+/// for its fsync (`synchronous = FULL`) only when a job of the batch settles a call.
 async fn run_batch(store: &Store, jobs: Vec<Job>) {
     if jobs.is_empty() {
         return;
     }
-    let mut tx = match store.begin().await {
-        Ok(tx) => tx,
+    let relax = !jobs.iter().any(|j| needs_durability(&j.op));
+    let mut mode = match SyncMode::take(store, relax).await {
+        Ok(mode) => mode,
         Err(e) => return fail_all(jobs, &e.to_string()),
     };
+    let answers = run_in_transaction(&mut mode.conn, &jobs).await;
+    mode.restore().await;
+    match answers {
+        Ok(results) => {
+            for (job, result) in jobs.into_iter().zip(results) {
+                // The caller may be gone (cancelled); its write stands, like any committed call.
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => fail_all(jobs, &e),
+    }
+}
+
+/// The jobs' results once their transaction committed (a lone failed job: rolled back,
+/// and its error is the result), or why the whole batch failed.
+async fn run_in_transaction(
+    conn: &mut PoolConnection<Any>,
+    jobs: &[Job],
+) -> Result<Vec<Result<i64, BillingError>>, String> {
+    let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
     let alone = jobs.len() == 1;
     let mut results = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
@@ -156,40 +247,32 @@ async fn run_batch(store: &Store, jobs: Vec<Job>) {
             } else {
                 "RELEASE SAVEPOINT ledger_op; SAVEPOINT ledger_op"
             };
-            if let Err(e) = sqlx::raw_sql(sql).execute(&mut *tx).await {
-                return fail_all(jobs, &e.to_string());
-            }
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         let result = run_op(&mut tx, job).await;
         if result.is_err() {
             if alone {
-                // Nothing of it may stay: roll back (by dropping the transaction).
-                drop(tx);
-                for (job, result) in jobs.into_iter().zip([result]) {
-                    let _ = job.reply.send(result);
-                }
-                return;
+                // Nothing of it may stay: roll back (a failed rollback leaves the
+                // connection in a transaction; `SyncMode` then closes it).
+                let _ = tx.rollback().await;
+                return Ok(vec![result]);
             }
-            if let Err(e) = sqlx::raw_sql("ROLLBACK TO SAVEPOINT ledger_op")
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT ledger_op")
                 .execute(&mut *tx)
                 .await
-            {
-                return fail_all(jobs, &e.to_string());
-            }
+                .map_err(|e| e.to_string())?;
         }
         results.push(result);
     }
     // COMMIT releases the last savepoint.
-    if let Err(e) = tx.commit().await {
-        return fail_all(jobs, &e.to_string());
-    }
-    for (job, result) in jobs.into_iter().zip(results) {
-        // The caller may be gone (cancelled); its write stands, like any committed call.
-        let _ = job.reply.send(result);
-    }
+    tx.commit().await.map_err(|e| e.to_string())?;
+    Ok(results)
 }
 
-async fn run_op(tx: &mut Tx, job: &Job) -> Result<i64, BillingError> {
+async fn run_op(tx: &mut Tx<'_>, job: &Job) -> Result<i64, BillingError> {
     match &job.op {
         Op::Reserve(r) => job.ledger.reserve_in(tx, r, job.at).await,
         Op::Finish {

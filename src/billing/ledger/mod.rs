@@ -326,7 +326,7 @@ impl Ledger {
     ///
     /// # Errors
     /// [`BillingError::Store`] when the insert fails.
-    pub async fn open_accounts(tx: &mut Tx, account_id: &str) -> Result<(), BillingError> {
+    pub async fn open_accounts(tx: &mut Tx<'_>, account_id: &str) -> Result<(), BillingError> {
         let now = crate::store::now_ms();
         for (id, kind) in [
             (wallet_id(account_id), "wallet"),
@@ -369,7 +369,7 @@ impl Ledger {
     /// or a paid top-up) and re-arms its low-balance alert. Returns the transfer id.
     pub(crate) async fn credit_wallet_in(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         account_id: &str,
         amount_micros: i64,
         memo: &str,
@@ -414,13 +414,19 @@ impl Ledger {
                 .await;
         }
         let mut tx = self.store.begin().await?;
+        relax_commit(&mut tx).await?;
         let balance = self.reserve_in(&mut tx, r, at).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(balance)
     }
 
     /// The reservation of [`Ledger::reserve`] inside `tx`, stamped `at` (epoch ms).
-    async fn reserve_in(&self, tx: &mut Tx, r: &Reservation, at: i64) -> Result<i64, BillingError> {
+    async fn reserve_in(
+        &self,
+        tx: &mut Tx<'_>,
+        r: &Reservation,
+        at: i64,
+    ) -> Result<i64, BillingError> {
         let (creator_micros, fee_micros) = super::pricing::split_price(r.price_micros, r.fee_bps);
         let month = Month::of_ms(at);
         if !r.spend_limits.is_empty() && self.store.backend() == Backend::Postgres {
@@ -550,6 +556,9 @@ impl Ledger {
             return self.group.submit(self.clone(), op, at).await;
         }
         let mut tx = self.store.begin().await?;
+        if outcome == Outcome::Refunded {
+            relax_commit(&mut tx).await?;
+        }
         let balance = self
             .finish_in(&mut tx, call_id, outcome, error_kind, stats, at)
             .await?;
@@ -560,7 +569,7 @@ impl Ledger {
     /// The settle or refund of [`Ledger::finish`] inside `tx`, stamped `at` (epoch ms).
     async fn finish_in(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         call_id: &str,
         outcome: Outcome,
         error_kind: Option<&str>,
@@ -647,7 +656,7 @@ impl Ledger {
     /// The owner account of `server_id`, whose earnings a settled call credits. A
     /// server's owner never changes (no statement updates `servers.owner_account_id`),
     /// so it is read once per server and kept.
-    async fn owner_of(&self, tx: &mut Tx, server_id: &str) -> Result<String, BillingError> {
+    async fn owner_of(&self, tx: &mut Tx<'_>, server_id: &str) -> Result<String, BillingError> {
         if let Some(owner) = self.owners.get(server_id) {
             return Ok(owner.clone());
         }
@@ -791,7 +800,7 @@ impl Ledger {
     /// writer serializes anyway) and returns its balance, micros.
     pub(crate) async fn lock_earnings(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         creator_id: &str,
     ) -> Result<i64, BillingError> {
         let id = earnings_id(creator_id);
@@ -803,7 +812,7 @@ impl Ledger {
     /// `external:payouts`. Returns the transfer id.
     pub(crate) async fn book_payout_in(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         creator_id: &str,
         amount_micros: i64,
         memo: &str,
@@ -842,7 +851,7 @@ impl Ledger {
     /// transfer id and the loss, micros.
     pub(crate) async fn reverse_payment_in(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         account_id: &str,
         amount_micros: i64,
         memo: &str,
@@ -936,7 +945,7 @@ async fn key_spent(
 /// # Errors
 /// [`BillingError::InsufficientCredits`] with nothing changed.
 async fn debit_wallet(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     account_id: &str,
     amount: i64,
     at: i64,
@@ -994,7 +1003,7 @@ async fn debit_wallet(
 /// Re-arms the low-balance alert of `wallet` once a credit from outside lifted it to
 /// its threshold or above (a call's refund does not re-arm it, so a balance hovering at
 /// the threshold alerts once).
-async fn rearm_low_balance(tx: &mut Tx, wallet: &str) -> Result<(), BillingError> {
+async fn rearm_low_balance(tx: &mut Tx<'_>, wallet: &str) -> Result<(), BillingError> {
     sqlx::query(
         "UPDATE ledger_accounts SET low_balance_alerted = 0 \
          WHERE id = $1 AND low_balance_alerted = 1 AND balance >= low_balance_micros",
@@ -1007,7 +1016,11 @@ async fn rearm_low_balance(tx: &mut Tx, wallet: &str) -> Result<(), BillingError
 
 /// Locks a ledger account's row until the transaction ends (PostgreSQL `FOR UPDATE`;
 /// SQLite has one writer, so nothing to do).
-async fn lock_ledger_account(tx: &mut Tx, backend: Backend, id: &str) -> Result<(), BillingError> {
+async fn lock_ledger_account(
+    tx: &mut Tx<'_>,
+    backend: Backend,
+    id: &str,
+) -> Result<(), BillingError> {
     if backend == Backend::Postgres {
         sqlx::query("SELECT id FROM ledger_accounts WHERE id = $1 FOR UPDATE")
             .bind(id)
@@ -1049,7 +1062,7 @@ fn is_foreign_key_violation(err: &sqlx::Error) -> bool {
 struct TransferId(String);
 
 async fn insert_transfer(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     kind: &str,
     call_id: Option<&str>,
     amount: i64,
@@ -1091,7 +1104,7 @@ pub fn lock_rank(ledger_account: &str) -> u8 {
 }
 
 async fn write_entries(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     transfer: &TransferId,
     entries: &[(&str, i64)],
     update_balance: impl Fn(&str) -> bool,
@@ -1180,7 +1193,7 @@ fn balance_error(e: sqlx::Error, account: &str) -> BillingError {
 
 /// Writes a transfer and its entries, and moves every touched balance. Returns its id.
 async fn post_transfer(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     kind: &str,
     call_id: Option<&str>,
     amount: i64,
@@ -1191,6 +1204,19 @@ async fn post_transfer(
     let id = insert_transfer(tx, kind, call_id, amount, memo, at).await?;
     write_entries(tx, &id, entries, |_| true).await?;
     Ok(id.0)
+}
+
+/// On PostgreSQL, lets the commit of `tx` (a reservation or a refund) return without
+/// waiting for its write-ahead log flush (`SET LOCAL synchronous_commit TO OFF`): the
+/// transaction stays atomic and is flushed in log order with the next durable commit,
+/// so a crash can only lose it whole, which charges nothing (a lost reservation is a
+/// call never charged; a lost refund leaves a hold the sweep refunds). Settlements keep
+/// the durable commit. See docs/ledger.md "Durability".
+async fn relax_commit(tx: &mut Tx<'_>) -> Result<(), BillingError> {
+    sqlx::query("SET LOCAL synchronous_commit TO OFF")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -368,7 +368,7 @@ impl Ledger {
 /// [`BillingError::Invalid`] when the period is booked already;
 /// [`BillingError::InsufficientCredits`] when the wallet cannot pay the fee.
 async fn book_period(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     account_id: &str,
     account_plan_id: &str,
     plan: &Plan,
