@@ -652,10 +652,10 @@ impl UpstreamSession {
                 };
                 let message: Value = serde_json::from_str(&data)
                     .map_err(|_| UpstreamError::Protocol("an SSE event is not JSON".into()))?;
-                if let Some(result) = match_response(&message, expect_id)? {
-                    return Ok(Some(result));
+                match match_response(message, expect_id)? {
+                    Ok(result) => return Ok(Some(result)),
+                    Err(other) => on_message(other),
                 }
-                on_message(message);
             }
             Err(UpstreamError::Protocol(
                 "the stream ended without a response".into(),
@@ -680,10 +680,10 @@ impl UpstreamSession {
                 one => vec![one],
             };
             for m in messages {
-                if let Some(result) = match_response(&m, expect_id)? {
-                    return Ok(Some(result));
+                match match_response(m, expect_id)? {
+                    Ok(result) => return Ok(Some(result)),
+                    Err(other) => on_message(other),
                 }
-                on_message(m);
             }
             Err(UpstreamError::Protocol("no response with our id".into()))
         } else {
@@ -864,10 +864,12 @@ impl std::fmt::Display for CapError {
 
 impl std::error::Error for CapError {}
 
-/// If `message` is the response to `id`, its result (or its error as `Err`).
-fn match_response(message: &Value, id: i64) -> Result<Option<Value>, UpstreamError> {
+/// Sorts one message of an answer: the response to `id` gives its `result` (taken, not
+/// copied: a result may be megabytes) or its error as `Err`; any other message comes
+/// back as `Ok(Err(message))` for the caller's `on_message`.
+fn match_response(message: Value, id: i64) -> Result<Result<Value, Value>, UpstreamError> {
     if message.get("method").is_some() || message.get("id").and_then(Value::as_i64) != Some(id) {
-        return Ok(None);
+        return Ok(Err(message));
     }
     if let Some(error) = message.get("error") {
         return Err(UpstreamError::JsonRpc {
@@ -881,11 +883,15 @@ fn match_response(message: &Value, id: i64) -> Result<Option<Value>, UpstreamErr
                 .collect(),
         });
     }
-    message
-        .get("result")
-        .cloned()
-        .map(Some)
-        .ok_or_else(|| UpstreamError::Protocol("a response without result or error".into()))
+    match message {
+        Value::Object(mut fields) => fields
+            .remove("result")
+            .map(Ok)
+            .ok_or_else(|| UpstreamError::Protocol("a response without result or error".into())),
+        _ => Err(UpstreamError::Protocol(
+            "a response without result or error".into(),
+        )),
+    }
 }
 
 /// Builds a header map from pairs, skipping values that are not valid header text.
