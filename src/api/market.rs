@@ -368,10 +368,14 @@ async fn search_tools(
         .catalog
         .search_tools(&p.q, p.limit.unwrap_or(20).clamp(1, 100))
         .await?;
+    // One snapshot for every hit: no query per hit.
+    let snapshot = app.catalog.snapshot().await?;
     let mut out = Vec::new();
     for hit in hits {
-        let server = app.catalog.get_by_id(&hit.server_id).await?;
-        let Some(t) = app.catalog.tool_of_server(&server.id, &hit.tool).await? else {
+        let Some(server) = snapshot.server_by_id(&hit.server_id) else {
+            continue;
+        };
+        let Some(t) = snapshot.tool_of_server(&server.id, &hit.tool) else {
             continue;
         };
         if !key.allows_tool(&t.namespaced_name) {

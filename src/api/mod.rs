@@ -438,16 +438,17 @@ async fn list_servers(
     };
     let limit = p.limit.unwrap_or(100).clamp(1, 500);
     let installed = app.catalog.installed_slugs(&key.account_id).await?;
-    let mut out = Vec::new();
-    for hit in app
+    let hits = app
         .catalog
         .search_servers(p.q.as_deref().unwrap_or(""), &filters, limit)
-        .await?
-    {
-        let installed = installed.contains(&hit.server.slug);
-        let mut v = crate::market::server_view(&app, &hit.server, installed).await?;
+        .await?;
+    let listed: Vec<(&crate::catalog::Server, bool)> = hits
+        .iter()
+        .map(|h| (&h.server, installed.contains(&h.server.slug)))
+        .collect();
+    let mut out = crate::market::server_views(&app, &listed).await?;
+    for (v, hit) in out.iter_mut().zip(&hits) {
         v["relevance"] = json!(hit.relevance);
-        out.push(v);
     }
     Ok(axum::Json(json!({"servers": out})).into_response())
 }

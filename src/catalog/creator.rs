@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::Row;
 
 use super::{
-    Catalog, CatalogError, CatalogTool, Server, catalog_tool, parse_tool_price, search,
-    validate_categories, validate_description, validate_endpoints, validate_name,
+    Catalog, CatalogError, Server, parse_tool_price, search, validate_categories,
+    validate_description, validate_endpoints, validate_name,
 };
 use crate::billing::pricing;
 use crate::security::EndpointPolicy;
@@ -367,6 +367,7 @@ impl Catalog {
         }
         search::reindex(&mut tx, self.store.backend(), &server.id).await?;
         tx.commit().await.map_err(StoreError::from)?;
+        self.changed();
         self.get_by_id(&server.id).await
     }
 
@@ -426,6 +427,7 @@ impl Catalog {
             .execute(&mut *tx)
             .await?;
         tx.commit().await.map_err(StoreError::from)?;
+        self.changed();
         Ok(rows
             .into_iter()
             .map(|(tool, price_micros)| PriceRecord {
@@ -468,6 +470,7 @@ impl Catalog {
         }
         set_next_change(&mut tx, server_id).await?;
         tx.commit().await.map_err(StoreError::from)?;
+        self.changed();
         Ok(due.len())
     }
 
@@ -510,6 +513,7 @@ impl Catalog {
             .bind(&server.id)
             .execute(self.store.pool())
             .await?;
+        self.changed();
         self.get_by_id(&server.id).await
     }
 
@@ -529,7 +533,7 @@ impl Catalog {
             .tools_of_server(&server.id)
             .await?
             .into_iter()
-            .map(|t| t.name)
+            .map(|t| t.name.clone())
             .collect();
         let mut chosen: Vec<String> = tools.unwrap_or_default().to_vec();
         chosen.sort();
@@ -569,36 +573,8 @@ impl Catalog {
             .await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
+        self.changed();
         Ok(true)
-    }
-
-    /// Resolves a namespaced tool of any server for `account_id` without an install
-    /// (`marketplace__call_tool`): the tool must be visible (pinned) and the server
-    /// listed or installed by the account (its status is the caller's to check).
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn resolve_any(
-        &self,
-        account_id: &str,
-        namespaced: &str,
-    ) -> Result<Option<(Server, CatalogTool)>, CatalogError> {
-        // The visible-tools select of `super` (tool pinning), for any server.
-        let row = sqlx::query(
-            "SELECT t.server_id, s.slug, t.name, t.namespaced_name, t.definition FROM upstream_tools t \
-             JOIN servers s ON s.id = t.server_id \
-             JOIN tool_pins p ON p.server_id = t.server_id AND p.tool = t.name AND p.hash = t.hash \
-             WHERE t.namespaced_name = $1 AND (s.listed = 1 OR EXISTS \
-             (SELECT 1 FROM installs i WHERE i.server_id = s.id AND i.account_id = $2))",
-        )
-        .bind(namespaced)
-        .bind(account_id)
-        .fetch_optional(self.store.pool())
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let tool = catalog_tool(row)?;
-        let server = self.get_by_id(&tool.server_id).await?;
-        Ok(Some((server, tool)))
     }
 
     /// The probe history of `server_id`, newest first, at most `limit` (≤ 200).

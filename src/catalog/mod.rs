@@ -18,6 +18,7 @@ pub mod reviews;
 pub mod search;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use sqlx::Row;
 
@@ -367,6 +368,8 @@ pub fn parse_tool_price(tool: &str, price: &str) -> Result<i64, CatalogError> {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     store: Store,
+    /// The in-memory snapshot the call path and `tools/list` read ([`snapshot`]).
+    snapshot: Arc<snapshot::SnapshotCell>,
 }
 
 /// `SELECT` of the server columns [`Catalog::hydrate`] reads, followed by `$tail`.
@@ -395,10 +398,16 @@ macro_rules! select_visible_tools {
     };
 }
 
+pub mod snapshot;
+pub use snapshot::Snapshot;
+
 impl Catalog {
     /// A catalog on `store`.
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            snapshot: Arc::default(),
+        }
     }
 
     /// Validates and stores a new server in `pending_review`, owned by
@@ -503,58 +512,48 @@ impl Catalog {
             .await?;
         search::reindex(&mut tx, self.store.backend(), &server.id).await?;
         tx.commit().await.map_err(StoreError::from)?;
+        self.changed();
         Ok((server, secret))
     }
 
     async fn hydrate(&self, row: sqlx::any::AnyRow) -> Result<Server, CatalogError> {
         let id: String = row.try_get(0)?;
+        let next_change: Option<i64> = row.try_get(11)?;
+        if next_change.is_some_and(|t| t <= now_ms()) {
+            // A scheduled price change fell due: apply it before anyone reads the price.
+            self.apply_due_prices(&id).await?;
+            let row = sqlx::query(select_servers!("WHERE id = $1"))
+                .bind(&id)
+                .fetch_one(self.store.pool())
+                .await?;
+            let (endpoints, tool_prices) = self.endpoints_and_prices(&id).await?;
+            return server_from_row(&row, endpoints, tool_prices);
+        }
+        let (endpoints, tool_prices) = self.endpoints_and_prices(&id).await?;
+        server_from_row(&row, endpoints, tool_prices)
+    }
+
+    async fn endpoints_and_prices(
+        &self,
+        id: &str,
+    ) -> Result<(Vec<String>, BTreeMap<String, i64>), CatalogError> {
         let endpoints =
             sqlx::query("SELECT url FROM server_endpoints WHERE server_id = $1 ORDER BY position")
-                .bind(&id)
+                .bind(id)
                 .fetch_all(self.store.pool())
                 .await?
                 .into_iter()
                 .map(|r| r.try_get(0))
                 .collect::<Result<Vec<String>, _>>()?;
-        let mut price_micros: i64 = row.try_get(6)?;
-        let next_change: Option<i64> = row.try_get(11)?;
-        if next_change.is_some_and(|t| t <= now_ms()) {
-            // A scheduled price change fell due: apply it before anyone reads the price.
-            self.apply_due_prices(&id).await?;
-            price_micros = sqlx::query("SELECT price_micros FROM servers WHERE id = $1")
-                .bind(&id)
-                .fetch_one(self.store.pool())
-                .await?
-                .try_get(0)?;
-        }
         let mut tool_prices = BTreeMap::new();
         for r in sqlx::query("SELECT tool, price_micros FROM tool_prices WHERE server_id = $1")
-            .bind(&id)
+            .bind(id)
             .fetch_all(self.store.pool())
             .await?
         {
             tool_prices.insert(r.try_get(0)?, r.try_get(1)?);
         }
-        let categories: String = row.try_get(4)?;
-        Ok(Server {
-            id,
-            slug: row.try_get(1)?,
-            name: row.try_get(2)?,
-            description: row.try_get(3)?,
-            categories: categories
-                .split(',')
-                .filter(|c| !c.is_empty())
-                .map(str::to_owned)
-                .collect(),
-            owner_account_id: row.try_get(5)?,
-            price_micros,
-            tool_prices,
-            status: ServerStatus::parse(&row.try_get::<String, _>(7)?),
-            timeout_ms: row.try_get(8)?,
-            endpoints,
-            created_at: row.try_get(9)?,
-            listed: row.try_get::<i64, _>(10)? == 1,
-        })
+        Ok((endpoints, tool_prices))
     }
 
     /// The server with `slug`.
@@ -615,6 +614,7 @@ impl Catalog {
         if n == 0 {
             return Err(CatalogError::UnknownServer(slug.to_owned()));
         }
+        self.changed();
         Ok((self.get(slug).await?, secret))
     }
 
@@ -623,14 +623,56 @@ impl Catalog {
     /// # Errors
     /// [`CatalogError::Store`].
     pub async fn list(&self) -> Result<Vec<Server>, CatalogError> {
+        // Price changes that fell due are applied first (as `get` does), then three
+        // queries whatever the number of servers.
+        let now = now_ms();
+        let due: Vec<String> = sqlx::query(
+            "SELECT id FROM servers WHERE next_price_change_at IS NOT NULL AND next_price_change_at <= $1",
+        )
+        .bind(now)
+        .fetch_all(self.store.pool())
+        .await?
+        .into_iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+        for id in &due {
+            self.apply_due_prices(id).await?;
+        }
         let rows = sqlx::query(select_servers!("ORDER BY slug"))
             .fetch_all(self.store.pool())
             .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            out.push(self.hydrate(row).await?);
+        let mut endpoints: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for r in
+            sqlx::query("SELECT server_id, url FROM server_endpoints ORDER BY server_id, position")
+                .fetch_all(self.store.pool())
+                .await?
+        {
+            endpoints
+                .entry(r.try_get(0)?)
+                .or_default()
+                .push(r.try_get(1)?);
         }
-        Ok(out)
+        let mut prices: std::collections::HashMap<String, BTreeMap<String, i64>> =
+            Default::default();
+        for r in sqlx::query("SELECT server_id, tool, price_micros FROM tool_prices")
+            .fetch_all(self.store.pool())
+            .await?
+        {
+            prices
+                .entry(r.try_get(0)?)
+                .or_default()
+                .insert(r.try_get(1)?, r.try_get(2)?);
+        }
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0)?;
+                server_from_row(
+                    row,
+                    endpoints.remove(&id).unwrap_or_default(),
+                    prices.remove(&id).unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     /// The per-server `X-MCP-Marketplace-Secret` (server-side only; never shown again).
@@ -665,6 +707,7 @@ impl Catalog {
         if n == 0 {
             return Err(CatalogError::UnknownServer(slug.to_owned()));
         }
+        self.changed();
         self.get(slug).await
     }
 
@@ -694,6 +737,7 @@ impl Catalog {
         .execute(self.store.pool())
         .await?
         .rows_affected();
+        self.changed();
         Ok(n == 1)
     }
 
@@ -709,23 +753,8 @@ impl Catalog {
             .execute(self.store.pool())
             .await?
             .rows_affected();
+        self.changed();
         Ok(n == 1)
-    }
-
-    /// The slugs `account_id` has installed.
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn installed_slugs(&self, account_id: &str) -> Result<Vec<String>, CatalogError> {
-        Ok(sqlx::query(
-            "SELECT s.slug FROM installs i JOIN servers s ON s.id = i.server_id WHERE i.account_id = $1 ORDER BY s.slug",
-        )
-        .bind(account_id)
-        .fetch_all(self.store.pool())
-        .await?
-        .into_iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?)
     }
 
     /// Replaces the cached tool list of `server` with `tools` (MCP `Tool` JSON objects;
@@ -778,6 +807,7 @@ impl Catalog {
             search::reindex(&mut tx, self.store.backend(), &server.id).await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
+        self.changed();
         Ok(changed)
     }
 
@@ -799,87 +829,6 @@ impl Catalog {
         .collect::<Result<_, _>>()?)
     }
 
-    /// The tools `account_id` sees on `/mcp`: those of its installed, callable servers
-    /// (only the ones it chose at install time, when it chose), by slug then upstream
-    /// order.
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn tools_for_account(
-        &self,
-        account_id: &str,
-    ) -> Result<Vec<CatalogTool>, CatalogError> {
-        let rows = sqlx::query(select_visible_tools!(
-            "JOIN installs i ON i.server_id = s.id \
-                 WHERE i.account_id = $1 AND s.status IN ('active', 'degraded', 'recovered') \
-                 AND (NOT EXISTS (SELECT 1 FROM install_tools x WHERE x.account_id = i.account_id AND x.server_id = i.server_id) \
-                      OR EXISTS (SELECT 1 FROM install_tools x WHERE x.account_id = i.account_id AND x.server_id = i.server_id AND x.tool = t.name)) \
-                 ORDER BY s.slug, t.position"
-        ))
-        .bind(account_id)
-        .fetch_all(self.store.pool())
-        .await?;
-        rows.into_iter().map(catalog_tool).collect()
-    }
-
-    /// The approved (visible) cached tools of one server, in upstream order.
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn tools_of_server(&self, server_id: &str) -> Result<Vec<CatalogTool>, CatalogError> {
-        let rows = sqlx::query(select_visible_tools!(
-            "WHERE t.server_id = $1 ORDER BY t.position"
-        ))
-        .bind(server_id)
-        .fetch_all(self.store.pool())
-        .await?;
-        rows.into_iter().map(catalog_tool).collect()
-    }
-
-    /// Resolves a namespaced tool for `account_id`: the server must be installed (its
-    /// status is the caller's to check). `None` when unknown or not installed.
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn resolve(
-        &self,
-        account_id: &str,
-        namespaced: &str,
-    ) -> Result<Option<(Server, CatalogTool)>, CatalogError> {
-        let row = sqlx::query(
-            select_visible_tools!(
-                "JOIN installs i ON i.server_id = s.id WHERE i.account_id = $1 AND t.namespaced_name = $2"
-            ),
-        )
-        .bind(account_id)
-        .bind(namespaced)
-        .fetch_optional(self.store.pool())
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let tool = catalog_tool(row)?;
-        let server = self.get_by_id(&tool.server_id).await?;
-        Ok(Some((server, tool)))
-    }
-
-    /// Looks up the upstream tool `name` of `server_id` (for `/servers/{slug}/mcp`).
-    ///
-    /// # Errors
-    /// [`CatalogError::Store`].
-    pub async fn tool_of_server(
-        &self,
-        server_id: &str,
-        name: &str,
-    ) -> Result<Option<CatalogTool>, CatalogError> {
-        let row = sqlx::query(select_visible_tools!(
-            "WHERE t.server_id = $1 AND t.name = $2"
-        ))
-        .bind(server_id)
-        .bind(name)
-        .fetch_optional(self.store.pool())
-        .await?;
-        row.map(catalog_tool).transpose()
-    }
-
     /// Accounts that installed `server_id` (to notify on tool changes).
     ///
     /// # Errors
@@ -895,6 +844,34 @@ impl Catalog {
                 .collect::<Result<_, _>>()?,
         )
     }
+}
+
+/// A [`Server`] from a row of `select_servers!` and its endpoints and price overrides.
+fn server_from_row(
+    row: &sqlx::any::AnyRow,
+    endpoints: Vec<String>,
+    tool_prices: BTreeMap<String, i64>,
+) -> Result<Server, CatalogError> {
+    let categories: String = row.try_get(4)?;
+    Ok(Server {
+        id: row.try_get(0)?,
+        slug: row.try_get(1)?,
+        name: row.try_get(2)?,
+        description: row.try_get(3)?,
+        categories: categories
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        owner_account_id: row.try_get(5)?,
+        price_micros: row.try_get(6)?,
+        tool_prices,
+        status: ServerStatus::parse(&row.try_get::<String, _>(7)?),
+        timeout_ms: row.try_get(8)?,
+        endpoints,
+        created_at: row.try_get(9)?,
+        listed: row.try_get::<i64, _>(10)? == 1,
+    })
 }
 
 fn catalog_tool(row: sqlx::any::AnyRow) -> Result<CatalogTool, CatalogError> {

@@ -346,6 +346,7 @@ impl Catalog {
             super::search::reindex(&mut tx, self.store.backend(), server_id).await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
+        self.changed();
         Ok(pinned)
     }
 
@@ -435,6 +436,7 @@ impl Catalog {
             }
         }
         tx.commit().await.map_err(StoreError::from)?;
+        self.changed();
         Ok(pinned)
     }
 }

@@ -15,6 +15,8 @@
 //! `probe_results` (scheduled and manual ones: at registration a server cannot pass the
 //! secret check yet), calls from `calls`, reviews from `reviews`.
 
+use std::collections::HashMap;
+
 use sqlx::Row;
 
 use super::{Catalog, CatalogError};
@@ -248,32 +250,50 @@ impl Catalog {
     /// # Errors
     /// [`CatalogError::Store`].
     pub async fn reputation(&self, server_id: &str) -> Result<Option<Reputation>, CatalogError> {
-        let Some(r) = sqlx::query(
+        sqlx::query(
             "SELECT score, uptime, success_rate, latency_grade, rating, rating_bayes, reviews, probes, calls \
              FROM server_reputation WHERE server_id = $1",
         )
         .bind(server_id)
         .fetch_optional(self.store.pool())
         .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(Reputation {
-            score: r.try_get(0)?,
-            uptime: r.try_get(1)?,
-            success_rate: r.try_get(2)?,
-            latency_grade: r.try_get(3)?,
-            rating: {
-                let reviews: i64 = r.try_get(6)?;
-                let mean: f64 = r.try_get(4)?;
-                (reviews > 0).then_some(mean)
-            },
-            rating_bayes: r.try_get(5)?,
-            reviews: r.try_get(6)?,
-            probes: r.try_get(7)?,
-            calls: r.try_get(8)?,
-        }))
+        .map(|r| reputation_of(&r))
+        .transpose()
     }
+
+    /// The last computed reputation of every server that has one, by server id (one
+    /// query: the listings' batch form of [`Catalog::reputation`]).
+    ///
+    /// # Errors
+    /// [`CatalogError::Store`].
+    pub async fn all_reputations(&self) -> Result<HashMap<String, Reputation>, CatalogError> {
+        sqlx::query(
+            "SELECT score, uptime, success_rate, latency_grade, rating, rating_bayes, reviews, probes, calls, \
+             server_id FROM server_reputation",
+        )
+        .fetch_all(self.store.pool())
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(9)?, reputation_of(r)?)))
+        .collect()
+    }
+}
+
+/// A [`Reputation`] from the first nine columns of a `server_reputation` select.
+fn reputation_of(r: &sqlx::any::AnyRow) -> Result<Reputation, CatalogError> {
+    let reviews: i64 = r.try_get(6)?;
+    let mean: f64 = r.try_get(4)?;
+    Ok(Reputation {
+        score: r.try_get(0)?,
+        uptime: r.try_get(1)?,
+        success_rate: r.try_get(2)?,
+        latency_grade: r.try_get(3)?,
+        rating: (reviews > 0).then_some(mean),
+        rating_bayes: r.try_get(5)?,
+        reviews,
+        probes: r.try_get(7)?,
+        calls: r.try_get(8)?,
+    })
 }
 
 #[cfg(test)]

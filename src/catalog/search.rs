@@ -318,14 +318,16 @@ impl Catalog {
         }
         let reputations = self.reputations().await?;
         let ratings = self.rating_means().await?;
-        let servers = if words.is_empty() {
-            self.list().await?
+        // From the snapshot: no query per candidate.
+        let snapshot = self.snapshot().await?;
+        let servers: Vec<Server> = if words.is_empty() {
+            snapshot.servers()
         } else {
-            let mut out = Vec::with_capacity(relevance.len());
-            for id in relevance.keys() {
-                out.push(self.get_by_id(id).await?);
-            }
-            out
+            relevance
+                .keys()
+                .filter_map(|id| snapshot.server_by_id(id))
+                .map(|s| (*s).clone())
+                .collect()
         };
         let mut hits = Vec::new();
         for server in servers {

@@ -108,15 +108,11 @@ async fn call_upstream(
             .resolve(&key.account_id, &name)
             .await
             .map_err(internal)?,
-        Some(slug) => match app.catalog.get(slug).await {
-            Ok(server) => app
-                .catalog
-                .tool_of_server(&server.id, &name)
-                .await
-                .map_err(internal)?
-                .map(|t| (server, t)),
-            Err(_) => None,
-        },
+        Some(slug) => app
+            .catalog
+            .resolve_on_server(slug, &name)
+            .await
+            .map_err(internal)?,
     }
     .ok_or_else(|| unknown_tool(&name))?;
     if !key.allows_tool(&tool.namespaced_name) {

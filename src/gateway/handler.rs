@@ -84,8 +84,8 @@ impl ServerHandler for GatewayHandler {
         };
         if let Some(slug) = &caller.slug {
             // A one-server endpoint must name a callable server.
-            match self.app.catalog.get(slug).await {
-                Ok(s) if s.status.is_callable() => {}
+            match self.app.catalog.cached(slug).await {
+                Ok(Some(s)) if s.status.is_callable() => {}
                 _ => {
                     return Err(ErrorData::invalid_params(
                         format!("Unknown server: {slug}"),

@@ -4,7 +4,6 @@
 //! in `_meta["mcp-marketplace/price"]`. A tool the key's scopes or allow-list exclude is
 //! neither listed nor callable.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rmcp::ErrorData;
@@ -16,10 +15,9 @@ use crate::app::App;
 use crate::auth::Scope;
 use crate::billing::Month;
 use crate::billing::pricing::format_usd;
-use crate::catalog::{CatalogTool, Server};
 
 /// `_meta` key of a tool's price.
-pub const PRICE_META_KEY: &str = "mcp-marketplace/price";
+pub const PRICE_META_KEY: &str = crate::catalog::snapshot::PRICE_META_KEY;
 /// `_meta` key of a failed call's error kind.
 pub const ERROR_META_KEY: &str = "mcp-marketplace/error";
 /// Prefix of the marketplace's own tools.
@@ -47,98 +45,42 @@ pub fn internal(err: impl std::fmt::Display) -> ErrorData {
 }
 
 fn price_meta(micros: i64) -> Value {
-    json!({"micros": micros, "per": "call", "currency": "USD"})
-}
-
-/// Turns a cached upstream definition into the listed tool named `name`, with its
-/// price in `_meta`. `None` if the definition is not a valid MCP tool.
-fn listed(tool: &CatalogTool, name: &str, price_micros: i64) -> Option<Tool> {
-    let mut def = tool.definition.clone();
-    let obj = def.as_object_mut()?;
-    obj.insert("name".into(), Value::String(name.to_owned()));
-    let meta = obj.entry("_meta").or_insert_with(|| json!({}));
-    if !meta.is_object() {
-        *meta = json!({});
-    }
-    meta.as_object_mut()?
-        .insert(PRICE_META_KEY.into(), price_meta(price_micros));
-    serde_json::from_value(def).ok()
+    crate::catalog::snapshot::price_meta(micros)
 }
 
 /// The tools `caller` sees: on `/mcp` the marketplace's tools and those of installed,
 /// callable servers, namespaced; on `/servers/{slug}/mcp` that server's, unprefixed.
 ///
+/// Served from the catalog snapshot ([`crate::catalog::snapshot`]): the listed form of
+/// every server's tools is built once per snapshot and cloned per request, filtered by
+/// the account's installs and tool choices and the key's allow-list; no query unless
+/// the catalog changed.
+///
 /// # Errors
 /// An internal [`ErrorData`] when the store fails.
 pub async fn list(app: &App, caller: &Caller) -> Result<Vec<Tool>, ErrorData> {
     let key = &caller.key;
-    let mut out = Vec::new();
-    let (tools, servers): (Vec<CatalogTool>, HashMap<String, Server>) = match &caller.slug {
+    let snapshot = app.catalog.snapshot().await.map_err(internal)?;
+    let include = |name: &str| key.allows_tool(name);
+    match &caller.slug {
         None => {
-            out.extend(
-                marketplace_tools()
-                    .into_iter()
-                    .filter(|(t, scope)| {
-                        key.allows_tool(&t.name) && scope.is_none_or(|s| key.has_scope(s))
-                    })
-                    .map(|(t, _)| t),
-            );
-            let tools = app
-                .catalog
-                .tools_for_account(&key.account_id)
-                .await
-                .map_err(internal)?;
-            let mut servers = HashMap::new();
-            for t in &tools {
-                if !servers.contains_key(&t.server_id) {
-                    let s = app
-                        .catalog
-                        .get_by_id(&t.server_id)
-                        .await
-                        .map_err(internal)?;
-                    servers.insert(t.server_id.clone(), s);
-                }
+            let mut out: Vec<Tool> = marketplace_tools()
+                .into_iter()
+                .filter(|(t, scope)| {
+                    key.allows_tool(&t.name) && scope.is_none_or(|s| key.has_scope(s))
+                })
+                .map(|(t, _)| t)
+                .collect();
+            if key.has_scope(Scope::Invoke) {
+                out.extend(snapshot.account_tools(&key.account_id, &include));
             }
-            (tools, servers)
+            Ok(out)
         }
-        Some(slug) => {
-            let server = match app.catalog.get(slug).await {
-                Ok(s) if s.status.is_callable() => s,
-                _ => return Ok(Vec::new()),
-            };
-            let tools = app
-                .catalog
-                .tools_of_server(&server.id)
-                .await
-                .map_err(internal)?;
-            (tools, HashMap::from([(server.id.clone(), server)]))
+        Some(slug) if key.has_scope(Scope::Invoke) => {
+            Ok(snapshot.server_tools(slug, &key.account_id, &include))
         }
-    };
-    if !key.has_scope(Scope::Invoke) {
-        return Ok(out);
+        Some(_) => Ok(Vec::new()),
     }
-    for t in &tools {
-        let Some(server) = servers.get(&t.server_id) else {
-            continue;
-        };
-        if !key.allows_tool(&t.namespaced_name) {
-            continue;
-        }
-        let price = if server.owner_account_id == key.account_id {
-            0
-        } else {
-            server.price_of(&t.name)
-        };
-        let name = if caller.slug.is_some() {
-            &t.name
-        } else {
-            &t.namespaced_name
-        };
-        if let Some(tool) = listed(t, name, price) {
-            out.push(tool);
-        }
-    }
-    Ok(out)
 }
 
 fn tool(name: &str, description: &str, schema: Value, read_only: bool) -> Tool {
@@ -502,19 +444,20 @@ pub async fn call_marketplace(
                 .installed_slugs(&key.account_id)
                 .await
                 .map_err(internal)?;
-            let mut out = Vec::new();
-            for hit in app
+            let hits = app
                 .catalog
                 .search_servers(query, &filters, limit)
                 .await
-                .map_err(internal)?
-            {
-                let s = &hit.server;
-                let mut v = crate::market::server_view(app, s, installed.contains(&s.slug))
-                    .await
-                    .map_err(internal)?;
+                .map_err(internal)?;
+            let listed: Vec<(&crate::catalog::Server, bool)> = hits
+                .iter()
+                .map(|h| (&h.server, installed.contains(&h.server.slug)))
+                .collect();
+            let mut out = crate::market::server_views(app, &listed)
+                .await
+                .map_err(internal)?;
+            for (v, hit) in out.iter_mut().zip(&hits) {
                 v["relevance"] = json!(hit.relevance);
-                out.push(v);
             }
             Ok(ok(json!({ "servers": out })))
         }
@@ -527,36 +470,20 @@ pub async fn call_marketplace(
                     None,
                 ));
             }
-            let installed = app
-                .catalog
-                .installed_slugs(&key.account_id)
-                .await
-                .map_err(internal)?;
+            // One snapshot for every hit: no query per hit.
+            let snapshot = app.catalog.snapshot().await.map_err(internal)?;
+            let installed = snapshot.installed_slugs(&key.account_id);
             let mut out = Vec::new();
-            let mut servers: HashMap<String, Server> = HashMap::new();
             for hit in app
                 .catalog
                 .search_tools(query, limit_arg(&args))
                 .await
                 .map_err(internal)?
             {
-                if !servers.contains_key(&hit.server_id) {
-                    let s = app
-                        .catalog
-                        .get_by_id(&hit.server_id)
-                        .await
-                        .map_err(internal)?;
-                    servers.insert(hit.server_id.clone(), s);
-                }
-                let Some(server) = servers.get(&hit.server_id) else {
+                let Some(server) = snapshot.server_by_id(&hit.server_id) else {
                     continue;
                 };
-                let Some(t) = app
-                    .catalog
-                    .tool_of_server(&server.id, &hit.tool)
-                    .await
-                    .map_err(internal)?
-                else {
+                let Some(t) = snapshot.tool_of_server(&server.id, &hit.tool) else {
                     continue;
                 };
                 if !key.allows_tool(&t.namespaced_name) {

@@ -229,7 +229,43 @@ pub async fn server_view(
 ) -> Result<Value, CatalogError> {
     let tools = app.catalog.tools_of_server(&server.id).await?;
     let reputation = app.catalog.reputation(&server.id).await?;
-    Ok(json!({
+    Ok(view_of(server, installed, &tools, reputation.as_ref()))
+}
+
+/// [`server_view`] of many servers (a listing): one snapshot read for every server's
+/// tools and one query for every reputation, whatever the number of servers.
+///
+/// # Errors
+/// [`CatalogError::Store`].
+pub async fn server_views(
+    app: &App,
+    servers: &[(&Server, bool)],
+) -> Result<Vec<Value>, CatalogError> {
+    if servers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let snapshot = app.catalog.snapshot().await?;
+    let reputations = app.catalog.all_reputations().await?;
+    Ok(servers
+        .iter()
+        .map(|(server, installed)| {
+            view_of(
+                server,
+                *installed,
+                &snapshot.tools_of_server(&server.id),
+                reputations.get(&server.id),
+            )
+        })
+        .collect())
+}
+
+fn view_of(
+    server: &Server,
+    installed: bool,
+    tools: &[std::sync::Arc<crate::catalog::CatalogTool>],
+    reputation: Option<&crate::catalog::reputation::Reputation>,
+) -> Value {
+    json!({
         "slug": server.slug,
         "name": server.name,
         "description": server.description,
@@ -247,7 +283,7 @@ pub async fn server_view(
             "description": t.definition.get("description"),
             "price_micros": server.price_of(&t.name),
         })).collect::<Vec<_>>(),
-    }))
+    })
 }
 
 /// [`server_view`] plus its reviews (the detail view).
@@ -286,7 +322,7 @@ impl App {
                 .tools_of_server(&server.id)
                 .await?
                 .into_iter()
-                .map(|t| t.name)
+                .map(|t| t.name.clone())
                 .collect();
             if names.iter().any(|n| !visible.contains(n)) {
                 return Err(CatalogError::InvalidField(

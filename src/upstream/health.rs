@@ -348,6 +348,8 @@ pub async fn transition(
     }
     record_event(&mut tx, server, from, to, source, reason, now).await?;
     tx.commit().await?;
+    // The snapshot (tools/list, the call path) sees the new status on the next request.
+    app.catalog.changed();
     after_transition(app, server, from, to, source, reason).await;
     Ok(true)
 }
@@ -385,6 +387,7 @@ pub async fn set_status_by_admin(
         .await?;
     record_event(&mut tx, &server, from, to, Source::Admin, reason, now).await?;
     tx.commit().await.map_err(StoreError::Database)?;
+    app.catalog.changed();
     tracing::info!(server = %server.slug, from = from.as_str(), to = to.as_str(), "server status set by an admin");
     set_status_gauge(&server.slug, from, to);
     app.catalog.get_by_id(&server.id).await
