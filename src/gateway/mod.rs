@@ -23,7 +23,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 
 use crate::app::App;
@@ -41,6 +41,21 @@ pub struct Caller {
     pub slug: Option<String>,
 }
 
+/// The MCP session manager of one endpoint: rmcp's in-memory sessions, except that a
+/// request's answer is not kept after it was delivered. rmcp keeps every completed
+/// request's messages (a `tools/list` answer included) for a late `Last-Event-ID`
+/// resume by default, for 60 s and, as it evicts them only when the session sees its
+/// next message, for as long as the session stays idle: about 60 KiB per idle session
+/// with a small catalog, megabytes with a large one (issue 7: ≤ 64 MiB with 1,000
+/// sessions). Requests still in progress remain resumable.
+fn sessions() -> Arc<LocalSessionManager> {
+    let mut manager = LocalSessionManager::default();
+    let mut config = SessionConfig::default();
+    config.completed_cache_ttl = std::time::Duration::ZERO;
+    manager.session_config = config;
+    Arc::new(manager)
+}
+
 /// Builds the whole HTTP router: MCP endpoints, REST API, health and JWKS.
 pub fn router(app: Arc<App>) -> Router {
     let hosts = allowed_hosts(&app);
@@ -52,7 +67,7 @@ pub fn router(app: Arc<App>) -> Router {
         let app = app.clone();
         StreamableHttpService::new(
             move || Ok(GatewayHandler::new(app.clone())),
-            Arc::new(LocalSessionManager::default()),
+            sessions(),
             config.clone(),
         )
     };
@@ -60,7 +75,7 @@ pub fn router(app: Arc<App>) -> Router {
         let app = app.clone();
         StreamableHttpService::new(
             move || Ok(GatewayHandler::new(app.clone())),
-            Arc::new(LocalSessionManager::default()),
+            sessions(),
             config,
         )
     };

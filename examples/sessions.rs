@@ -1,0 +1,540 @@
+//! Memory benchmark: the marketplace's resident memory with many open MCP sessions
+//! (issue 7 target: ≤ 64 MiB with 1,000 sessions).
+//!
+//! ```text
+//! cargo run --release --example sessions -- --sessions 1000 [--catalog-tools 10000] [--shared-connection]
+//! ```
+//!
+//! It prepares a fresh SQLite marketplace (an echo upstream registered, approved and
+//! installed for an account, optionally `--catalog-tools` more tools in 20 installed
+//! servers written straight into the catalog), then runs the marketplace alone in a
+//! child process (this program re-executed with `--serve`, so the client's memory is
+//! not counted) and opens the sessions against it: each `initialize`,
+//! `notifications/initialized` and `tools/list`, then kept open. By default every
+//! session has its own keep-alive HTTP/1.1 connection, as separate clients would;
+//! `--shared-connection` sends every session over one connection. It prints the
+//! child's VmRSS and VmHWM (from `/proc/PID/status`) after start, after warm-up and
+//! with all sessions open, and the growth per session. Linux only (it reads `/proc`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use mcp_marketplace::app::App;
+use mcp_marketplace::auth::Scope;
+use mcp_marketplace::auth::accounts::create_account;
+use mcp_marketplace::auth::keys::{NewKey, create_key};
+use mcp_marketplace::billing::PlanBook;
+use mcp_marketplace::billing::plans::{PlanFile, QuotaSetting};
+use mcp_marketplace::catalog::NewServer;
+use mcp_marketplace::config::{Config, RateLimitsFile};
+use mcp_marketplace::security::ratelimit::{Limits, Rate};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use tokio_util::sync::CancellationToken;
+
+/// Servers the optional extra catalog tools are spread over.
+const CATALOG_SERVERS: usize = 20;
+
+/// The system allocator, counting the bytes live on the heap (printed next to VmRSS:
+/// what the program holds, as opposed to what the allocator keeps from the OS).
+struct Counting;
+
+static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter
+// is updated besides.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is the system allocator's.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size, std::sync::atomic::Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+// ---------------------------------------------------------------- the echo upstream
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct EchoArgs {
+    /// Text to send back.
+    message: String,
+}
+
+#[derive(Debug, Clone)]
+struct Echo {
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl Echo {
+    fn new() -> Self {
+        Self {
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    #[tool(description = "Send the message back.")]
+    fn echo(&self, Parameters(a): Parameters<EchoArgs>) -> CallToolResult {
+        CallToolResult::success(vec![ContentBlock::text(a.message)])
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Echo {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+}
+
+async fn spawn_echo(cancel: CancellationToken) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let service: StreamableHttpService<Echo, LocalSessionManager> = StreamableHttpService::new(
+        || Ok(Echo::new()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default().with_cancellation_token(cancel.child_token()),
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+    });
+    Ok(format!("http://{addr}/mcp"))
+}
+
+// ---------------------------------------------------------------- the marketplace
+
+/// The configuration of both the preparing and the serving process: no rate limits
+/// and no quota (1,000 sessions of one key would be rate limited otherwise).
+fn config(database_url: &str, listen: &str) -> Result<Config> {
+    let mut config = Config {
+        listen: listen.to_owned(),
+        public_url: format!("http://{listen}"),
+        database_url: database_url.to_owned(),
+        allow_upstream_hosts: vec!["127.0.0.1".into()],
+        ..Config::default()
+    };
+    config.rate_limits = Limits {
+        per_key: Rate::Off,
+        per_account: Rate::Off,
+        per_account_per_server: Rate::Off,
+    };
+    let unlimited = PlanFile {
+        monthly_calls: Some(QuotaSetting::Text("unlimited".into())),
+        rate_limits: RateLimitsFile {
+            per_key: Some("off".into()),
+            per_account: Some("off".into()),
+            per_account_per_server: Some("off".into()),
+        },
+        ..PlanFile::default()
+    };
+    config.billing.plans = Arc::new(
+        PlanBook::from_config(&[("free".to_owned(), unlimited)].into(), None)
+            .map_err(anyhow::Error::msg)?,
+    );
+    Ok(config)
+}
+
+/// Writes the world into `database_url` and returns the user's key.
+async fn prepare(database_url: &str, upstream: &str, catalog_tools: usize) -> Result<String> {
+    let app = App::new(config(database_url, "127.0.0.1:0")?).await?;
+    let creator = create_account(&app.store, "creator").await?;
+    let user = create_account(&app.store, "user").await?;
+    let new = NewServer {
+        name: "Echo".into(),
+        slug: Some("echo".into()),
+        endpoints: vec![upstream.to_owned()],
+        pricing: "0.0001_per_request".into(),
+        ..NewServer::default()
+    };
+    app.catalog.register(&creator.id, &new, &app.policy).await?;
+    app.approve("echo").await?;
+    app.install(&user.id, "echo").await?;
+    let per_server = catalog_tools.div_ceil(CATALOG_SERVERS);
+    for s in 0..CATALOG_SERVERS.min(catalog_tools) {
+        let slug = format!("srv{s:02}");
+        let new = NewServer {
+            name: format!("Server {s}"),
+            slug: Some(slug.clone()),
+            // Never contacted: the tools are written straight into the catalog.
+            endpoints: vec![format!("http://127.0.0.1:9/{slug}")],
+            pricing: "0.0001_per_request".into(),
+            ..NewServer::default()
+        };
+        let (server, _) = app.catalog.register(&creator.id, &new, &app.policy).await?;
+        let tools: Vec<Value> = (0..per_server)
+            .map(|t| {
+                json!({
+                    "name": format!("tool_{t:03}"),
+                    "description": format!("Tool {t} of server {s}: does one thing well."),
+                    "inputSchema": {"type": "object", "properties": {
+                        "query": {"type": "string", "description": "What to look for."},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 100}},
+                        "required": ["query"]},
+                    "annotations": {"readOnlyHint": true},
+                })
+            })
+            .collect();
+        app.catalog.replace_tools(&server, &tools).await?;
+        app.catalog
+            .approve_tools(&server.id, None, "sessions")
+            .await?;
+        app.catalog
+            .set_status(&slug, mcp_marketplace::catalog::ServerStatus::Active)
+            .await?;
+        app.install(&user.id, &slug).await?;
+    }
+    let key = create_key(
+        &app.store,
+        "user",
+        &NewKey {
+            scopes: vec![Scope::Invoke],
+            ..NewKey::default()
+        },
+    )
+    .await?
+    .1;
+    app.store.close().await;
+    Ok(key)
+}
+
+/// The child: serves the prepared database until its stdin closes.
+async fn serve(database_url: &str) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = App::new(config(database_url, &addr.to_string())?).await?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        async move { app.serve(listener, shutdown).await }
+    });
+    println!("listening {addr}");
+    // Each line on stdin asks for the live heap bytes; end of input stops.
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(_)) = lines.next_line().await {
+        println!(
+            "heap {}",
+            LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    shutdown.cancel();
+    let _ = task.await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- the client
+
+fn first_message(content_type: &str, body: &[u8]) -> Result<Value> {
+    if content_type.starts_with("text/event-stream") {
+        let text = std::str::from_utf8(body)?;
+        for line in text.lines() {
+            if let Some(data) = line.strip_prefix("data:") {
+                let data = data.trim();
+                if !data.is_empty() {
+                    return Ok(serde_json::from_str(data)?);
+                }
+            }
+        }
+        bail!("an SSE answer without a message")
+    }
+    Ok(serde_json::from_slice(body)?)
+}
+
+/// An open MCP session: its HTTP client (and connection) and its id.
+struct Session {
+    _http: reqwest::Client,
+    _id: reqwest::header::HeaderValue,
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    headers: &reqwest::header::HeaderMap,
+    body: Value,
+) -> Result<(reqwest::header::HeaderMap, Option<Value>)> {
+    let r = http
+        .post(url)
+        .headers(headers.clone())
+        .body(body.to_string())
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "HTTP {}", r.status());
+    let h = r.headers().clone();
+    let ct = h
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let bytes = r.bytes().await?;
+    let message = if bytes.is_empty() {
+        None
+    } else {
+        Some(first_message(&ct, &bytes)?)
+    };
+    Ok((h, message))
+}
+
+/// `initialize`, `notifications/initialized`, `tools/list`; returns the session and
+/// the number of tools listed.
+async fn open(http: reqwest::Client, url: &str, key: &str) -> Result<(Session, usize)> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("accept", "application/json, text/event-stream".parse()?);
+    headers.insert("content-type", "application/json".parse()?);
+    headers.insert("authorization", format!("Bearer {key}").parse()?);
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "sessions", "version": "1"}}});
+    let (h, _) = post(&http, url, &headers, init).await?;
+    let id = h
+        .get("mcp-session-id")
+        .cloned()
+        .context("no Mcp-Session-Id")?;
+    headers.insert("mcp-session-id", id.clone());
+    headers.insert("mcp-protocol-version", "2025-06-18".parse()?);
+    post(
+        &http,
+        url,
+        &headers,
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await?;
+    let (_, list) = post(
+        &http,
+        url,
+        &headers,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+    )
+    .await?;
+    let tools = list
+        .as_ref()
+        .and_then(|m| m.pointer("/result/tools"))
+        .and_then(Value::as_array)
+        .with_context(|| format!("not a tools/list result: {list:?}"))?
+        .len();
+    Ok((
+        Session {
+            _http: http,
+            _id: id,
+        },
+        tools,
+    ))
+}
+
+fn client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .http1_only()
+        .tcp_nodelay(true)
+        .build()?)
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, KiB.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .context("a number")?
+            .parse()?)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Asks the child for its live heap bytes (one line on its stdin, one answer).
+async fn heap_bytes(
+    stdin: &mut tokio::process::ChildStdin,
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    stdin.write_all(b"stats\n").await?;
+    stdin.flush().await?;
+    loop {
+        let line = lines.next_line().await?.context("the marketplace exited")?;
+        if let Some(n) = line.strip_prefix("heap ") {
+            return Ok(n.trim().parse()?);
+        }
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+struct Args {
+    sessions: usize,
+    catalog_tools: usize,
+    shared: bool,
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
+    let mut args = Args {
+        sessions: 1000,
+        catalog_tools: 0,
+        shared: false,
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--sessions" => args.sessions = it.next().context("--sessions N")?.parse()?,
+            "--catalog-tools" => {
+                args.catalog_tools = it.next().context("--catalog-tools N")?.parse()?
+            }
+            "--shared-connection" => args.shared = true,
+            "--help" | "-h" => {
+                println!(
+                    "usage: sessions [--sessions 1000] [--catalog-tools N] [--shared-connection]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other} (try --help)"),
+        }
+    }
+    ensure!(
+        (1..=10_000).contains(&args.sessions),
+        "--sessions is 1 to 10000"
+    );
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    mcp_marketplace::install_crypto_provider();
+    let mut argv = std::env::args().skip(1);
+    let first = argv.next();
+    if first.as_deref() == Some("--serve") {
+        return serve(&argv.next().context("--serve DATABASE_URL")?).await;
+    }
+    let args = parse_args(first.into_iter().chain(argv))?;
+
+    let cancel = CancellationToken::new();
+    let upstream = spawn_echo(cancel.clone()).await?;
+    let dir = tempfile::tempdir()?;
+    let database_url = format!("sqlite://{}", dir.path().join("sessions.db").display());
+    let key = prepare(&database_url, &upstream, args.catalog_tools).await?;
+
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--serve")
+        .arg(&database_url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the marketplace process")?;
+    let pid = child.id().context("the child's pid")?;
+    let stdout = child.stdout.take().context("the child's stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next_line().await?.context("the marketplace exited")?;
+        if let Some(a) = line.strip_prefix("listening ") {
+            break a.to_owned();
+        }
+    };
+    let url = format!("http://{addr}/mcp");
+    let mut stdin = child.stdin.take().context("the child's stdin")?;
+    let started = memory_kib(pid)?;
+    let heap_started = heap_bytes(&mut stdin, &mut lines).await?;
+
+    // Warm-up: one session builds the catalog snapshot and the tools/list answer.
+    let shared = client()?;
+    let (warm, tools) = open(shared.clone(), &url, &key).await?;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let warmed = memory_kib(pid)?;
+    let heap_warmed = heap_bytes(&mut stdin, &mut lines).await?;
+
+    let t0 = Instant::now();
+    let mut sessions = Vec::with_capacity(args.sessions);
+    for _ in 0..args.sessions {
+        let http = if args.shared {
+            shared.clone()
+        } else {
+            client()?
+        };
+        let (s, n) = open(http, &url, &key).await?;
+        ensure!(n == tools, "a session listed {n} tools, not {tools}");
+        sessions.push(s);
+    }
+    let opened = t0.elapsed();
+    // Let the marketplace settle (freed request buffers returned to the allocator).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open_mem = memory_kib(pid)?;
+    let heap_open = heap_bytes(&mut stdin, &mut lines).await?;
+
+    println!(
+        "sessions: {} open MCP sessions ({}), each initialize + tools/list of {tools} tools, opened in {:.1} s",
+        args.sessions,
+        if args.shared {
+            "one shared HTTP/1.1 connection"
+        } else {
+            "one HTTP/1.1 connection each"
+        },
+        opened.as_secs_f64()
+    );
+    println!("  marketplace process {pid} (VmRSS / VmHWM / live heap):");
+    let row = |label: &str, m: (u64, u64), heap: u64| {
+        println!(
+            "    {label:<20} {:7.1} MiB / {:7.1} MiB / {:7.1} MiB",
+            mib(m.0),
+            mib(m.1),
+            heap as f64 / 1048576.0
+        )
+    };
+    row("started:", started, heap_started);
+    row("after one session:", warmed, heap_warmed);
+    row(
+        &format!("{} sessions open:", args.sessions),
+        open_mem,
+        heap_open,
+    );
+    println!(
+        "    per session:         {:7.1} KiB resident, {:7.1} KiB live heap",
+        open_mem.0.saturating_sub(warmed.0) as f64 / args.sessions as f64,
+        heap_open.saturating_sub(heap_warmed) as f64 / 1024.0 / args.sessions as f64
+    );
+    println!(
+        "  target: <= 64 MiB resident with 1,000 sessions: {}",
+        if mib(open_mem.0) <= 64.0 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+
+    drop(sessions);
+    drop(stdin);
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    cancel.cancel();
+    Ok(())
+}
