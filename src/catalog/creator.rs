@@ -470,7 +470,9 @@ impl Catalog {
         }
         set_next_change(&mut tx, server_id).await?;
         tx.commit().await.map_err(StoreError::from)?;
-        self.changed();
+        if !due.is_empty() {
+            self.changed();
+        }
         Ok(due.len())
     }
 

@@ -455,8 +455,11 @@ impl Catalog {
         for id in &due {
             self.apply_due_prices(id).await?;
         }
-        // Even when another process applied them first: rebuild from the database.
-        self.changed();
+        // Rebuild from the database (even when another process applied them first),
+        // unless a concurrent reader already moved the generation past this snapshot.
+        if self.store.versions().generation(Domain::Catalog) == snap.generation {
+            self.changed();
+        }
         self.current_snapshot().await
     }
 
