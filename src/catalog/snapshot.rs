@@ -230,15 +230,21 @@ impl Snapshot {
             .unwrap_or_default()
     }
 
-    /// The upstream tools `account_id` lists on `/mcp`: those of its installed, callable
-    /// servers (only the ones it chose at install time, when it chose) for which
-    /// `include(namespaced name)` holds, by slug then upstream order, each with its
-    /// price in `_meta`. Cloned from tool lists built once per snapshot.
-    pub fn account_tools(&self, account_id: &str, include: &dyn Fn(&str) -> bool) -> Vec<Tool> {
+    /// Appends to `out` the upstream tools `account_id` lists on `/mcp`: those of its
+    /// installed, callable servers (only the ones it chose at install time, when it
+    /// chose) for which `include(namespaced name)` holds, by slug then upstream order,
+    /// each with its price in `_meta`. Cloned from tool lists built once per snapshot;
+    /// `out` grows once.
+    pub fn account_tools_into(
+        &self,
+        out: &mut Vec<Tool>,
+        account_id: &str,
+        include: &dyn Fn(&str) -> bool,
+    ) {
         let Some(installs) = self.installs.get(account_id) else {
-            return Vec::new();
+            return;
         };
-        let mut out = Vec::with_capacity(
+        out.reserve(
             installs
                 .iter()
                 .filter_map(|i| self.servers.get(&i.server_id))
@@ -253,11 +259,10 @@ impl Snapshot {
                 continue;
             }
             let chosen = install.tools.as_ref();
-            entry.listed_into(&mut out, account_id, true, &|t: &CatalogTool| {
+            entry.listed_into(out, account_id, true, &|t: &CatalogTool| {
                 chosen.is_none_or(|c| c.contains(&t.name)) && include(&t.namespaced_name)
             });
         }
-        out
     }
 
     /// The tools of the callable server `slug` as `account_id` lists them on

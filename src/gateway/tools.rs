@@ -72,7 +72,7 @@ pub async fn list(app: &App, caller: &Caller) -> Result<Vec<Tool>, ErrorData> {
                 .map(|(t, _)| t)
                 .collect();
             if key.has_scope(Scope::Invoke) {
-                out.extend(snapshot.account_tools(&key.account_id, &include));
+                snapshot.account_tools_into(&mut out, &key.account_id, &include);
             }
             Ok(out)
         }
