@@ -39,12 +39,6 @@ use mcp_marketplace::billing::plans::{PlanFile, QuotaSetting};
 use mcp_marketplace::catalog::NewServer;
 use mcp_marketplace::config::{Config, RateLimitsFile};
 use mcp_marketplace::security::ratelimit::{Limits, Rate};
-use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -57,65 +51,9 @@ const ROUNDS: u32 = 3;
 /// Unmeasured time each mode runs before its first measured round.
 const WARMUP: Duration = Duration::from_secs(1);
 
-// ---------------------------------------------------------------- the echo upstream
-
-#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
-struct EchoArgs {
-    /// Text to send back.
-    message: String,
-}
-
-#[derive(Debug, Clone)]
-struct Echo {
-    tool_router: ToolRouter<Self>,
-}
-
-#[tool_router]
-impl Echo {
-    fn new() -> Self {
-        Self {
-            tool_router: Self::tool_router(),
-        }
-    }
-
-    #[tool(description = "Send the message back (paid).")]
-    fn echo(&self, Parameters(a): Parameters<EchoArgs>) -> CallToolResult {
-        CallToolResult::success(vec![ContentBlock::text(a.message)])
-    }
-
-    #[tool(description = "Send the message back (free).")]
-    fn echo_free(&self, Parameters(a): Parameters<EchoArgs>) -> CallToolResult {
-        CallToolResult::success(vec![ContentBlock::text(a.message)])
-    }
-}
-
-#[tool_handler(router = self.tool_router)]
-impl ServerHandler for Echo {
-    fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-    }
-}
-
-async fn spawn_echo(cancel: CancellationToken) -> Result<String> {
-    use axum::serve::ListenerExt as _;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let service: StreamableHttpService<Echo, LocalSessionManager> = StreamableHttpService::new(
-        || Ok(Echo::new()),
-        Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default().with_cancellation_token(cancel.child_token()),
-    );
-    let router = axum::Router::new().nest_service("/mcp", service);
-    let listener = listener.tap_io(|s| {
-        let _ = s.set_nodelay(true);
-    });
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
-    });
-    Ok(format!("http://{addr}/mcp"))
-}
+#[path = "support/echo.rs"]
+mod echo;
+use echo::{first_message, spawn_echo};
 
 // ---------------------------------------------------------------- the marketplace
 
@@ -231,22 +169,6 @@ struct Session {
     url: String,
     headers: reqwest::header::HeaderMap,
     next_id: u64,
-}
-
-fn first_message(content_type: &str, body: &[u8]) -> Result<Value> {
-    if content_type.starts_with("text/event-stream") {
-        let text = std::str::from_utf8(body)?;
-        for line in text.lines() {
-            if let Some(data) = line.strip_prefix("data:") {
-                let data = data.trim();
-                if !data.is_empty() {
-                    return Ok(serde_json::from_str(data)?);
-                }
-            }
-        }
-        bail!("an SSE answer without a message")
-    }
-    Ok(serde_json::from_slice(body)?)
 }
 
 impl Session {

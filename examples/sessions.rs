@@ -29,12 +29,6 @@ use mcp_marketplace::billing::plans::{PlanFile, QuotaSetting};
 use mcp_marketplace::catalog::NewServer;
 use mcp_marketplace::config::{Config, RateLimitsFile};
 use mcp_marketplace::security::ratelimit::{Limits, Rate};
-use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
@@ -80,56 +74,9 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-// ---------------------------------------------------------------- the echo upstream
-
-#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
-struct EchoArgs {
-    /// Text to send back.
-    message: String,
-}
-
-#[derive(Debug, Clone)]
-struct Echo {
-    tool_router: ToolRouter<Self>,
-}
-
-#[tool_router]
-impl Echo {
-    fn new() -> Self {
-        Self {
-            tool_router: Self::tool_router(),
-        }
-    }
-
-    #[tool(description = "Send the message back.")]
-    fn echo(&self, Parameters(a): Parameters<EchoArgs>) -> CallToolResult {
-        CallToolResult::success(vec![ContentBlock::text(a.message)])
-    }
-}
-
-#[tool_handler(router = self.tool_router)]
-impl ServerHandler for Echo {
-    fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-    }
-}
-
-async fn spawn_echo(cancel: CancellationToken) -> Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let service: StreamableHttpService<Echo, LocalSessionManager> = StreamableHttpService::new(
-        || Ok(Echo::new()),
-        Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default().with_cancellation_token(cancel.child_token()),
-    );
-    let router = axum::Router::new().nest_service("/mcp", service);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
-    });
-    Ok(format!("http://{addr}/mcp"))
-}
+#[path = "support/echo.rs"]
+mod echo;
+use echo::{first_message, spawn_echo};
 
 // ---------------------------------------------------------------- the marketplace
 
@@ -252,22 +199,6 @@ async fn serve(database_url: &str) -> Result<()> {
 }
 
 // ---------------------------------------------------------------- the client
-
-fn first_message(content_type: &str, body: &[u8]) -> Result<Value> {
-    if content_type.starts_with("text/event-stream") {
-        let text = std::str::from_utf8(body)?;
-        for line in text.lines() {
-            if let Some(data) = line.strip_prefix("data:") {
-                let data = data.trim();
-                if !data.is_empty() {
-                    return Ok(serde_json::from_str(data)?);
-                }
-            }
-        }
-        bail!("an SSE answer without a message")
-    }
-    Ok(serde_json::from_slice(body)?)
-}
 
 /// An open MCP session: its HTTP client (and connection) and its id.
 struct Session {
@@ -523,14 +454,17 @@ async fn main() -> Result<()> {
         open_mem.0.saturating_sub(warmed.0) as f64 / args.sessions as f64,
         heap_open.saturating_sub(heap_warmed) as f64 / 1024.0 / args.sessions as f64
     );
-    println!(
-        "  target: <= 64 MiB resident with 1,000 sessions: {}",
-        if mib(open_mem.0) <= 64.0 {
-            "met"
-        } else {
-            "MISSED"
-        }
-    );
+    // The target is about 1,000 sessions; fewer say nothing about it.
+    if args.sessions >= 1_000 {
+        println!(
+            "  target: <= 64 MiB resident with 1,000 sessions: {}",
+            if mib(open_mem.0) <= 64.0 {
+                "met"
+            } else {
+                "MISSED"
+            }
+        );
+    }
 
     drop(sessions);
     drop(stdin);
