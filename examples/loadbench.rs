@@ -34,11 +34,8 @@ use mcp_marketplace::app::App;
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::accounts::create_account;
 use mcp_marketplace::auth::keys::{NewKey, create_key};
-use mcp_marketplace::billing::PlanBook;
-use mcp_marketplace::billing::plans::{PlanFile, QuotaSetting};
 use mcp_marketplace::catalog::NewServer;
-use mcp_marketplace::config::{Config, RateLimitsFile};
-use mcp_marketplace::security::ratelimit::{Limits, Rate};
+use mcp_marketplace::config::Config;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -51,9 +48,9 @@ const ROUNDS: u32 = 3;
 /// Unmeasured time each mode runs before its first measured round.
 const WARMUP: Duration = Duration::from_secs(1);
 
-#[path = "support/echo.rs"]
-mod echo;
-use echo::{first_message, spawn_echo};
+#[path = "support/mod.rs"]
+mod support;
+use support::{first_message, spawn_echo};
 
 // ---------------------------------------------------------------- the marketplace
 
@@ -95,26 +92,7 @@ async fn start_marketplace(database: &str, upstream: &str) -> Result<Marketplace
         allow_upstream_hosts: vec!["127.0.0.1".into()],
         ..Config::default()
     };
-    // A benchmark is no customer: no rate limits and no monthly quota, so every call
-    // goes the whole metered path (rate limiting itself still runs).
-    config.rate_limits = Limits {
-        per_key: Rate::Off,
-        per_account: Rate::Off,
-        per_account_per_server: Rate::Off,
-    };
-    let unlimited = PlanFile {
-        monthly_calls: Some(QuotaSetting::Text("unlimited".into())),
-        rate_limits: RateLimitsFile {
-            per_key: Some("off".into()),
-            per_account: Some("off".into()),
-            per_account_per_server: Some("off".into()),
-        },
-        ..PlanFile::default()
-    };
-    config.billing.plans = Arc::new(
-        PlanBook::from_config(&[("free".to_owned(), unlimited)].into(), None)
-            .map_err(anyhow::Error::msg)?,
-    );
+    support::unlimited(&mut config)?;
     let app = App::new(config).await.context("the marketplace starts")?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn({

@@ -16,7 +16,6 @@
 //! child's VmRSS and VmHWM (from `/proc/PID/status`) after start, after warm-up and
 //! with all sessions open, and the growth per session. Linux only (it reads `/proc`).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -24,11 +23,8 @@ use mcp_marketplace::app::App;
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::accounts::create_account;
 use mcp_marketplace::auth::keys::{NewKey, create_key};
-use mcp_marketplace::billing::PlanBook;
-use mcp_marketplace::billing::plans::{PlanFile, QuotaSetting};
 use mcp_marketplace::catalog::NewServer;
-use mcp_marketplace::config::{Config, RateLimitsFile};
-use mcp_marketplace::security::ratelimit::{Limits, Rate};
+use mcp_marketplace::config::Config;
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
@@ -74,9 +70,9 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-#[path = "support/echo.rs"]
-mod echo;
-use echo::{first_message, spawn_echo};
+#[path = "support/mod.rs"]
+mod support;
+use support::{first_message, spawn_echo};
 
 // ---------------------------------------------------------------- the marketplace
 
@@ -90,24 +86,7 @@ fn config(database_url: &str, listen: &str) -> Result<Config> {
         allow_upstream_hosts: vec!["127.0.0.1".into()],
         ..Config::default()
     };
-    config.rate_limits = Limits {
-        per_key: Rate::Off,
-        per_account: Rate::Off,
-        per_account_per_server: Rate::Off,
-    };
-    let unlimited = PlanFile {
-        monthly_calls: Some(QuotaSetting::Text("unlimited".into())),
-        rate_limits: RateLimitsFile {
-            per_key: Some("off".into()),
-            per_account: Some("off".into()),
-            per_account_per_server: Some("off".into()),
-        },
-        ..PlanFile::default()
-    };
-    config.billing.plans = Arc::new(
-        PlanBook::from_config(&[("free".to_owned(), unlimited)].into(), None)
-            .map_err(anyhow::Error::msg)?,
-    );
+    support::unlimited(&mut config)?;
     Ok(config)
 }
 

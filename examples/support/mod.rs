@@ -1,10 +1,14 @@
 //! What the load and memory benchmarks share (included by `examples/loadbench.rs` and
-//! `examples/sessions.rs` with `#[path]`): the fast upstream they measure against, and
-//! reading a JSON-RPC answer.
+//! `examples/sessions.rs` with `#[path]`): the fast upstream they measure against,
+//! the marketplace settings of a benchmark, and reading a JSON-RPC answer.
 
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
+use mcp_marketplace::billing::PlanBook;
+use mcp_marketplace::billing::plans::{PlanFile, QuotaSetting};
+use mcp_marketplace::config::{Config, RateLimitsFile};
+use mcp_marketplace::security::ratelimit::{Limits, Rate};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
@@ -98,4 +102,32 @@ pub fn first_message(content_type: &str, body: &[u8]) -> Result<Value> {
         bail!("an SSE answer without a message")
     }
     Ok(serde_json::from_slice(body)?)
+}
+
+/// Turns off what a benchmark is not about: rate limits and the monthly call quota (the
+/// only plan, `free`, is unlimited), so every call goes the whole metered path (rate
+/// limiting itself still runs).
+///
+/// # Errors
+/// When the plan book cannot be built.
+pub fn unlimited(config: &mut Config) -> Result<()> {
+    config.rate_limits = Limits {
+        per_key: Rate::Off,
+        per_account: Rate::Off,
+        per_account_per_server: Rate::Off,
+    };
+    let unlimited = PlanFile {
+        monthly_calls: Some(QuotaSetting::Text("unlimited".into())),
+        rate_limits: RateLimitsFile {
+            per_key: Some("off".into()),
+            per_account: Some("off".into()),
+            per_account_per_server: Some("off".into()),
+        },
+        ..PlanFile::default()
+    };
+    config.billing.plans = Arc::new(
+        PlanBook::from_config(&[("free".to_owned(), unlimited)].into(), None)
+            .map_err(anyhow::Error::msg)?,
+    );
+    Ok(())
 }
