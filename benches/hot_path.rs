@@ -2,8 +2,9 @@
 //! on PostgreSQL too when `TEST_DATABASE_URL` is set):
 //!
 //! - `ledger/reserve+settle/N`: one paid call's two ledger phases, with `N` calls in
-//!   flight at once (1 = each call alone, so one commit and one fsync per phase; 32 =
-//!   the group commit batches concurrent calls). Throughput is settled calls per second;
+//!   flight at once (1 = each call alone, so one commit per phase and one fsync per
+//!   call; 32 and 256 = the group commit batches concurrent calls, 256 being the most
+//!   one batch takes). Throughput is settled calls per second;
 //! - `ledger/reserve+refund/1`: a failed call's two phases;
 //! - `catalog/resolve`: `{slug}__{tool}` → server and tool, for an account that
 //!   installed 20 servers of 500 tools;
@@ -25,6 +26,7 @@ use mcp_marketplace::app::App;
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::accounts::create_account;
 use mcp_marketplace::auth::keys::{NewKey, authenticate, create_key};
+use mcp_marketplace::billing::plans::{PlanBook, PlanFile, QuotaSetting};
 use mcp_marketplace::billing::{CallStats, Reservation};
 use mcp_marketplace::catalog::{NewServer, ServerStatus};
 use mcp_marketplace::config::Config;
@@ -81,11 +83,20 @@ async fn world(backend: &str) -> World {
     } else {
         (fresh_postgres(backend).await, None)
     };
-    let config = Config {
+    let mut config = Config {
         database_url,
         allow_upstream_hosts: vec!["127.0.0.1".into()],
         ..Config::default()
     };
+    // No monthly quota: the benchmark runs more calls than the default plan allows.
+    let unlimited = PlanFile {
+        monthly_calls: Some(QuotaSetting::Text("unlimited".into())),
+        ..PlanFile::default()
+    };
+    config.billing.plans = Arc::new(
+        PlanBook::from_config(&[("free".to_owned(), unlimited)].into(), None)
+            .expect("an unlimited free plan"),
+    );
     let app = App::new(config).await.expect("the marketplace starts");
     let creator = create_account(&app.store, "creator")
         .await
@@ -234,7 +245,7 @@ fn benches(c: &mut Criterion) {
 
         let mut g = c.benchmark_group(format!("ledger_{label}"));
         g.throughput(Throughput::Elements(1));
-        for in_flight in [1u64, 32] {
+        for in_flight in [1u64, 32, 256] {
             g.bench_function(BenchmarkId::new("reserve+settle", in_flight), |b| {
                 b.iter_custom(|iters| rt.block_on(calls(&w, iters, in_flight, true)));
             });

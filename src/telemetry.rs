@@ -87,6 +87,11 @@ fn describe() {
         "Alerts neither delivered nor given up."
     );
     describe_counter!(
+        "mcp_marketplace_ledger_batches_total",
+        "Group-commit batches of the call path's ledger writes (SQLite) by mode: `set` \
+         (read once, decided in memory, written once) or `per_operation` (the fallback)."
+    );
+    describe_counter!(
         "mcp_marketplace_alerts_delivered_total",
         "Alerts accepted by a channel (webhook or email)."
     );

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::books::{Books, End, ms, plans_with_free_quota};
 use common::{Backend, TestDb, backends};
 use mcp_marketplace::billing::invoices::{self, InvoiceFormat};
@@ -953,5 +955,138 @@ async fn relaxed_reservations_leave_every_later_commit_durable() {
         assert_eq!(b.balance(&user).await.wallet_micros, 1_000_000);
         b.assert_ok().await;
         b.close().await;
+    }
+}
+
+/// Many calls in flight share one batch on SQLite, which is read once, decided in
+/// memory and written once (src/billing/ledger/group/bulk.rs): each call still gets the
+/// answer it would get alone (a wallet covering 25 of 40 reservations, a settle sent
+/// twice at once, an unknown call), and a batch holding what the set-wise form does not
+/// model (two reservations with one call id) runs one operation at a time, failing only
+/// the duplicate. The same answers on PostgreSQL, where each call has its transaction.
+#[tokio::test]
+async fn concurrent_calls_get_the_answers_they_would_get_alone() {
+    use mcp_marketplace::billing::{CallStats, Reservation};
+    let metrics = mcp_marketplace::telemetry::install().expect("no other recorder in this test");
+    for backend in backends() {
+        let b = Books::open(backend, "2026-11-16T00:00:00Z").await;
+        let user = b.account("user").await;
+        let creator = b.account("creator").await;
+        let units = b.server(&creator, "units", "0.02_per_request").await;
+        let price = 20_000;
+        b.ledger.topup(&user.id, 25 * price, "grant").await.unwrap();
+
+        let results =
+            futures::future::join_all((0..40).map(|_| b.reserve(&user, &units, "convert", price)))
+                .await;
+        let reserved: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(BillingError::InsufficientCredits { .. })))
+            .count();
+        assert_eq!((reserved.len(), refused), (25, 15), "{backend:?}");
+        assert_eq!(b.balance(&user).await.wallet_micros, 0);
+
+        // Settle 15 (the first 5 twice at once), refund 10, finish an unknown call.
+        let stats = CallStats {
+            latency_ms: 5,
+            response_bytes: 100,
+        };
+        let mut ends = Vec::new();
+        let settles = reserved[..15].iter().chain(&reserved[..5]);
+        for id in settles {
+            let (ledger, id) = (b.ledger.clone(), id.clone());
+            ends.push(tokio::spawn(async move {
+                ("settle", ledger.settle(&id, stats).await)
+            }));
+        }
+        let unknown = uuid::Uuid::now_v7().to_string();
+        for id in reserved[15..].iter().chain([&unknown]) {
+            let (ledger, id) = (b.ledger.clone(), id.clone());
+            ends.push(tokio::spawn(async move {
+                ("refund", ledger.refund(&id, "upstream_error", stats).await)
+            }));
+        }
+        let mut tally = BTreeMap::new();
+        for end in ends {
+            let (what, result) = end.await.unwrap();
+            let outcome = match result {
+                Ok(_) => "ok",
+                Err(BillingError::NotReserved(_)) => "not_reserved",
+                Err(BillingError::UnknownCall(_)) => "unknown",
+                Err(e) => panic!("{what}: {e}"),
+            };
+            *tally.entry((what, outcome)).or_insert(0) += 1;
+        }
+        assert_eq!(
+            tally,
+            BTreeMap::from([
+                (("refund", "ok"), 10),
+                (("refund", "unknown"), 1),
+                (("settle", "not_reserved"), 5),
+                (("settle", "ok"), 15),
+            ]),
+            "{backend:?}"
+        );
+        let balance = b.balance(&user).await;
+        assert_eq!(
+            (balance.wallet_micros, balance.holds_micros),
+            (10 * price, 0)
+        );
+        assert_eq!(b.balance(&creator).await.earnings_micros, 15 * 14_000);
+        let usage = b
+            .ledger
+            .month_usage(&user.id, month("2026-11"))
+            .await
+            .unwrap();
+        assert_eq!((usage.calls, usage.spent_micros), (15, 15 * price));
+
+        // Two reservations of one call id: one is written, the other fails alone.
+        let twin = Reservation {
+            call_id: uuid::Uuid::now_v7().to_string(),
+            account_id: user.id.clone(),
+            key_id: "key-user".into(),
+            server_id: units.clone(),
+            tool: "convert".into(),
+            price_micros: price,
+            fee_bps: 3000,
+            hold_expires_at: i64::MAX,
+            spend_limits: Vec::new(),
+            request_bytes: 10,
+        };
+        let others = (0..6).map(|_| b.reserve(&user, &units, "convert", price));
+        let (twins, others) = futures::future::join(
+            futures::future::join_all([b.ledger.reserve(&twin), b.ledger.reserve(&twin)]),
+            futures::future::join_all(others),
+        )
+        .await;
+        assert_eq!(twins.iter().filter(|r| r.is_ok()).count(), 1, "{twins:?}");
+        assert!(
+            twins
+                .iter()
+                .any(|r| matches!(r, Err(BillingError::Store(_)))),
+            "{twins:?}"
+        );
+        assert!(others.iter().all(Result::is_ok), "{others:?}");
+        let balance = b.balance(&user).await;
+        assert_eq!(
+            (balance.wallet_micros, balance.holds_micros),
+            (3 * price, 7 * price)
+        );
+        b.assert_ok().await;
+        b.close().await;
+    }
+    // On SQLite both forms ran: set-wise batches, and the twins' one at a time.
+    let text = metrics.render();
+    for mode in ["set", "per_operation"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!(
+                "mcp_marketplace_ledger_batches_total{{mode=\"{mode}\"}}"
+            ))),
+            "{mode}: {text}"
+        );
     }
 }

@@ -95,6 +95,10 @@ impl Store {
                 AnyPoolOptions::new()
                     .max_connections(1)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
+                    // The connection is a file handle in this process, not a socket that
+                    // can drop: no ping (a round trip to sqlx's worker thread) before each
+                    // use.
+                    .test_before_acquire(false)
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             conn.execute("PRAGMA journal_mode = WAL").await?;

@@ -10,10 +10,20 @@
 //! A call's [`Ledger::reserve`], [`Ledger::settle`] and [`Ledger::refund`] put an
 //! [`Op`] in a queue and wait for its answer. Whoever takes the leader lock first
 //! becomes the leader: it takes up to [`MAX_BATCH`] queued operations (its own among
-//! them), and runs them, in queue order, in **one** transaction, each inside its own
-//! `SAVEPOINT`, then commits once. While that commit waits on its fsync the next
-//! operations queue up and form the next batch, so the batch size follows the load by
-//! itself (one operation when idle: no added latency, no timer).
+//! them), and runs them, in queue order, in **one** transaction, then commits once.
+//! While that commit waits on its fsync the next operations queue up and form the next
+//! batch, so the batch size follows the load by itself (one operation when idle: no
+//! added latency, no timer).
+//!
+//! A batch runs set-wise first ([`bulk`]): `BEGIN IMMEDIATE` and one read of everything
+//! its checks need in one round trip to sqlx's worker thread, every operation decided
+//! in memory in queue order, then its writes and `COMMIT` in a second round trip, so a
+//! batch costs the same few round trips whatever its size (one operation after the
+//! other cost about a dozen statements per call). When the set-wise run meets what its
+//! in-memory checks do not model (a missing ledger account, a duplicate call id, a
+//! constraint failing in the write), it rolls back and the batch runs again one
+//! operation at a time, each inside its own `SAVEPOINT`, which gives every operation
+//! its exact error. `mcp_marketplace_ledger_batches_total{mode}` counts both.
 //!
 //! # What it keeps
 //! - **Durability before the answer.** Every operation of a batch is answered only after
@@ -27,13 +37,15 @@
 //!   write-ahead log is synced in order). A power loss can lose such a batch whole, which
 //!   charges nothing: a lost reservation is a call never charged, a lost refund leaves a
 //!   hold the sweep refunds. A lone paid call thus waits for one fsync, not two.
-//! - **Exact checks.** The operations of a batch run one after the other in one
-//!   transaction, each seeing the writes of those before it, so spend limits, quotas
-//!   and the guarded wallet debit are exactly as strict as with one transaction each.
+//! - **Exact checks.** The operations of a batch are decided one after the other in one
+//!   transaction, each seeing the effects of those before it (in memory under the write
+//!   lock, or statement by statement), so spend limits, quotas and the guarded wallet
+//!   debit are exactly as strict as with one transaction each.
 //! - **Isolation of failures.** An operation that fails (insufficient credits, a quota,
-//!   a call already finished) is rolled back to its savepoint alone; the others commit.
-//!   When the batch itself fails (`BEGIN`, a savepoint or `COMMIT`), nothing of it is
-//!   written and every operation of it gets [`BillingError::Commit`].
+//!   a call already finished) writes nothing (set-wise: nothing of it is added to the
+//!   batch's writes; one at a time: it is rolled back to its savepoint); the others
+//!   commit. When the batch itself fails (`BEGIN`, a savepoint or `COMMIT`), nothing of
+//!   it is written and every operation of it gets [`BillingError::Commit`].
 //! - **No cancellation hazard.** The batch runs in its own task, so a caller whose
 //!   future is dropped (a cancelled MCP request) cannot abort a commit others wait on.
 //!
@@ -53,6 +65,8 @@ use tokio::sync::oneshot;
 
 use super::{BillingError, CallStats, Ledger, Outcome, Reservation};
 use crate::store::{Store, Tx};
+
+mod bulk;
 
 /// Most operations in one batch (bounds the transaction's size and the time the single
 /// SQLite connection is held: a few milliseconds).
@@ -154,20 +168,26 @@ struct SyncMode {
 }
 
 impl SyncMode {
-    /// Takes the store's connection; `relax` sets `synchronous = NORMAL` on it: a commit
-    /// then returns without waiting for the fsync, and is made durable by the next
-    /// commit in `FULL` mode (the write-ahead log is written and synced in order).
-    async fn take(store: &Store, relax: bool) -> Result<Self, sqlx::Error> {
-        let mut conn = store.pool().acquire().await?;
-        if relax {
-            sqlx::raw_sql("PRAGMA synchronous = NORMAL")
-                .execute(&mut *conn)
-                .await?;
-        }
+    /// Takes the store's connection (in `FULL` mode).
+    async fn take(store: &Store) -> Result<Self, sqlx::Error> {
+        let conn = store.pool().acquire().await?;
         Ok(Self {
             conn,
-            relaxed: relax,
+            relaxed: false,
         })
+    }
+
+    /// When `relax`, sets `synchronous = NORMAL`: a commit then returns without waiting
+    /// for the fsync, and is made durable by the next commit in `FULL` mode (the
+    /// write-ahead log is written and synced in order).
+    async fn relax(&mut self, relax: bool) -> Result<(), sqlx::Error> {
+        if relax && !self.relaxed {
+            self.relaxed = true;
+            sqlx::raw_sql("PRAGMA synchronous = NORMAL")
+                .execute(&mut *self.conn)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Puts the connection back in `FULL` mode before it returns to the pool.
@@ -205,19 +225,36 @@ fn needs_durability(op: &Op) -> bool {
     )
 }
 
-/// Runs `jobs` in one transaction, each in a savepoint (a lone job needs none: its
-/// failure rolls the transaction back), commits, then answers each. The commit waits
+/// Runs `jobs` in one transaction and commits once, then answers each. The commit waits
 /// for its fsync (`synchronous = FULL`) only when a job of the batch settles a call.
+///
+/// First set-wise ([`bulk`]: one read, the checks in memory, one write); when that
+/// gives up, the transaction is rolled back and the batch runs again one operation at
+/// a time, each in a savepoint, which gives every operation its own exact error.
 async fn run_batch(store: &Store, jobs: Vec<Job>) {
     if jobs.is_empty() {
         return;
     }
     let relax = !jobs.iter().any(|j| needs_durability(&j.op));
-    let mut mode = match SyncMode::take(store, relax).await {
+    let mut mode = match SyncMode::take(store).await {
         Ok(mode) => mode,
         Err(e) => return fail_all(jobs, &e.to_string()),
     };
-    let answers = run_in_transaction(&mut mode.conn, &jobs).await;
+    let answers = match run_set_wise(&mut mode, &jobs, relax).await {
+        Ok(results) => {
+            metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "set").increment(1);
+            Ok(results)
+        }
+        Err(bulk::Fallback(why)) => {
+            tracing::debug!(reason = %why, operations = jobs.len(), "ledger batch runs one operation at a time");
+            metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "per_operation")
+                .increment(1);
+            match mode.relax(relax).await {
+                Ok(()) => run_in_transaction(&mut mode.conn, &jobs).await,
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
     mode.restore().await;
     match answers {
         Ok(results) => {
@@ -228,6 +265,32 @@ async fn run_batch(store: &Store, jobs: Vec<Job>) {
         }
         Err(e) => fail_all(jobs, &e),
     }
+}
+
+/// The set-wise run of a batch ([`bulk::run`]). On any failure before its `COMMIT`
+/// returned, rolls back (a connection that cannot roll back is closed) and returns
+/// [`bulk::Fallback`]; nothing of the batch is then written. A failed `COMMIT` is rolled
+/// back the same way: SQLite leaves the transaction open when a `COMMIT` fails.
+async fn run_set_wise(
+    mode: &mut SyncMode,
+    jobs: &[Job],
+    relax: bool,
+) -> Result<Vec<Result<i64, BillingError>>, bulk::Fallback> {
+    // Marked before the round trip: if the pragma ran and what follows failed, the
+    // connection is relaxed all the same.
+    mode.relaxed |= relax;
+    let outcome = bulk::run(&mut mode.conn, jobs, relax).await;
+    if outcome.is_err()
+        && sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *mode.conn)
+            .await
+            .is_err()
+    {
+        // No transaction was open (BEGIN failed), or the connection is in an unknown
+        // state: close it rather than hand it to anyone (a new one opens in FULL mode).
+        mode.conn.close_on_drop();
+    }
+    outcome
 }
 
 /// The jobs' results once their transaction committed (a lone failed job: rolled back,
