@@ -25,14 +25,14 @@
 //! [`Fallback`]; the caller rolls back and runs the batch one operation at a time with a
 //! savepoint each, which gives every operation its own exact error.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{Job, Op};
 use crate::billing::ledger::{
-    BillingError, HOLDS, Outcome, PLATFORM_REVENUE, Reservation, earnings_id, lock_rank,
+    BillingError, CallStats, HOLDS, Outcome, PLATFORM_REVENUE, Reservation, earnings_id, lock_rank,
     period_start_ms, wallet_id,
 };
 use crate::billing::period::Month;
@@ -210,7 +210,7 @@ struct Writes {
     alerted: Vec<String>,
     alerts: Vec<Value>,
     /// `(account, month)` whose counter the batch changed.
-    usage: Vec<(String, String)>,
+    usage: BTreeSet<(String, String)>,
 }
 
 /// Runs `jobs` set-wise in one transaction on `conn` (after `PRAGMA synchronous =
@@ -238,25 +238,15 @@ pub(super) async fn run(
                 outcome,
                 error_kind,
                 stats,
-            } => {
-                let finished = json!([
-                    call_id,
-                    outcome.as_str(),
-                    error_kind,
-                    job.at,
-                    stats.latency_ms.max(0),
-                    stats.response_bytes.max(0)
-                ]);
-                finish(
-                    &mut state,
-                    &mut writes,
-                    job,
-                    call_id,
-                    *outcome,
-                    error_kind.as_deref(),
-                    finished,
-                )?
-            }
+            } => finish(
+                &mut state,
+                &mut writes,
+                job,
+                call_id,
+                *outcome,
+                error_kind.as_deref(),
+                *stats,
+            )?,
         };
         results.push(result);
     }
@@ -447,7 +437,7 @@ fn reserve(
     };
     // Checks passed: apply.
     state.usage.insert(usage_key.clone(), counted);
-    writes.usage.push(usage_key);
+    writes.usage.insert(usage_key);
     for ((key, since), spent) in &mut state.spent {
         if *key == r.key_id && at >= *since {
             *spent += r.price_micros;
@@ -487,7 +477,7 @@ fn finish(
     call_id: &str,
     outcome: Outcome,
     error_kind: Option<&str>,
-    finished: Value,
+    stats: CallStats,
 ) -> Result<Result<i64, BillingError>, Fallback> {
     let Some(call) = state.calls.get_mut(call_id) else {
         return Ok(Err(BillingError::UnknownCall(call_id.to_owned())));
@@ -536,7 +526,7 @@ fn finish(
             if let Some((calls, spent)) = state.usage.get_mut(&key) {
                 *calls -= 1;
                 *spent -= price;
-                writes.usage.push(key);
+                writes.usage.insert(key);
             }
             for ((key, since), spent) in &mut state.spent {
                 if *key == call.key_id && call.created_at >= *since {
@@ -556,7 +546,14 @@ fn finish(
         }
     }
     call.status = outcome.as_str().to_owned();
-    writes.finished_calls.push(finished);
+    writes.finished_calls.push(json!([
+        call_id,
+        outcome.as_str(),
+        error_kind,
+        job.at,
+        stats.latency_ms.max(0),
+        stats.response_bytes.max(0)
+    ]));
     Ok(Ok(w.balance))
 }
 
@@ -598,15 +595,14 @@ async fn write(conn: &mut AnyConnection, state: &State, writes: Writes) -> Resul
         .filter(|(_, delta)| *delta != 0)
         .map(|(account, delta)| json!([account, delta]))
         .collect();
-    let mut usage: Vec<Value> = Vec::with_capacity(writes.usage.len());
-    let mut seen = std::collections::HashSet::new();
-    for key in writes.usage {
-        if let Some((calls, spent)) = state.usage.get(&key)
-            && seen.insert(key.clone())
-        {
-            usage.push(json!([key.0, key.1, calls, spent]));
-        }
-    }
+    let usage: Vec<Value> = writes
+        .usage
+        .into_iter()
+        .filter_map(|key| {
+            let (calls, spent) = state.usage.get(&key)?;
+            Some(json!([key.0, key.1, calls, spent]))
+        })
+        .collect();
     sqlx::query(WRITE_AND_COMMIT)
         .bind(Value::Array(writes.new_calls).to_string())
         .bind(Value::Array(writes.finished_calls).to_string())
