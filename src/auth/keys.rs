@@ -123,12 +123,55 @@ pub struct KeyContext {
     pub account_name: String,
     /// Granted scopes.
     pub scopes: Vec<Scope>,
-    /// Glob patterns over namespaced tool names; empty = every tool.
-    pub allow_tools: Vec<String>,
+    /// Glob patterns over namespaced tool names, compiled; empty = every tool.
+    pub allow_tools: AllowList,
     /// Spend limits `(micros, "day"|"month")`: at most one per period.
     pub spend_limits: Vec<(i64, String)>,
     /// Expiry, epoch ms.
     pub expires_at: Option<i64>,
+}
+
+/// A key's tool allow-list: glob patterns (`calendar__*`) over namespaced tool names,
+/// compiled once when the key is read, so a `tools/list` of 10,000 tools tests each
+/// name against one automaton instead of compiling every pattern per tool.
+#[derive(Debug, Clone, Default)]
+pub struct AllowList {
+    patterns: Vec<String>,
+    /// `None` when `patterns` is empty (every tool admitted).
+    set: Option<globset::GlobSet>,
+}
+
+impl AllowList {
+    /// Compiles `patterns`. A pattern that is not a valid glob admits nothing (they are
+    /// validated when the key is made, by [`parse_allow_tools`]).
+    pub fn new(patterns: Vec<String>) -> Self {
+        if patterns.is_empty() {
+            return Self::default();
+        }
+        let mut builder = globset::GlobSetBuilder::new();
+        for glob in patterns.iter().filter_map(|p| globset::Glob::new(p).ok()) {
+            builder.add(glob);
+        }
+        // Building only fails on an invalid glob, and those were left out; should it
+        // fail anyway, the list admits nothing rather than everything.
+        let set = builder
+            .build()
+            .unwrap_or_else(|_| globset::GlobSet::empty());
+        Self {
+            patterns,
+            set: Some(set),
+        }
+    }
+
+    /// True when the list is empty, which admits every tool.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// True when the list is empty or a pattern matches the namespaced tool `name`.
+    pub fn admits(&self, name: &str) -> bool {
+        self.set.as_ref().is_none_or(|set| set.is_match(name))
+    }
 }
 
 impl KeyContext {
@@ -140,12 +183,7 @@ impl KeyContext {
     /// True when the key's allow-list admits the namespaced tool `name` (an empty list
     /// admits every tool).
     pub fn allows_tool(&self, name: &str) -> bool {
-        self.allow_tools.is_empty()
-            || self.allow_tools.iter().any(|pattern| {
-                globset::Glob::new(pattern)
-                    .map(|g| g.compile_matcher().is_match(name))
-                    .unwrap_or(false)
-            })
+        self.allow_tools.admits(name)
     }
 }
 
@@ -498,7 +536,7 @@ async fn lookup(store: &Store, hash: &str) -> Result<KeyContext, KeyError> {
         account_id: row.try_get(1)?,
         account_name: row.try_get(2)?,
         scopes: parse_stored_scopes(&row.try_get::<String, _>(3)?),
-        allow_tools: split_list(row.try_get(4)?),
+        allow_tools: AllowList::new(split_list(row.try_get(4)?)),
         spend_limits: stored_limits(daily, monthly),
         expires_at,
     })
@@ -621,11 +659,13 @@ mod tests {
             account_id: String::new(),
             account_name: String::new(),
             scopes: vec![Scope::Invoke],
-            allow_tools: parse_allow_tools("calendar__*").unwrap(),
+            allow_tools: AllowList::new(parse_allow_tools("calendar__*,notes__get_*").unwrap()),
             spend_limits: Vec::new(),
             expires_at: None,
         };
         assert!(ctx.allows_tool("calendar__create_event"));
         assert!(!ctx.allows_tool("notes__add_note"));
+        assert!(ctx.allows_tool("notes__get_note"));
+        assert!(AllowList::default().admits("anything__at_all"));
     }
 }
