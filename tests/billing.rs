@@ -958,17 +958,27 @@ async fn relaxed_reservations_leave_every_later_commit_durable() {
     }
 }
 
-/// Many calls in flight share one batch on SQLite, which is read once, decided in
-/// memory and written once (src/billing/ledger/group/bulk.rs): each call still gets the
-/// answer it would get alone (a wallet covering 25 of 40 reservations, a settle sent
-/// twice at once, an unknown call), and a batch holding what the set-wise form does not
-/// model (two reservations with one call id) runs one operation at a time, failing only
-/// the duplicate. The same answers on PostgreSQL, where each call has its transaction.
+/// The count of ledger batches run in `mode` (`set` or `per_operation`) so far, from
+/// the `/metrics` text.
+fn batches_run(text: &str, mode: &str) -> u64 {
+    let prefix = format!("mcp_marketplace_ledger_batches_total{{mode=\"{mode}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().expect("a counter"))
+}
+
+/// Many calls in flight share one batch, which is read once, decided in memory and
+/// written once (src/billing/ledger/group/bulk.rs): each call still gets the answer it
+/// would get alone (a wallet covering 25 of 40 reservations, a settle sent twice at
+/// once, an unknown call), and a batch holding what the set-wise form does not model
+/// (two reservations with one call id) runs one operation at a time, failing only the
+/// duplicate. On both backends, each running both forms.
 #[tokio::test]
 async fn concurrent_calls_get_the_answers_they_would_get_alone() {
     use mcp_marketplace::billing::{CallStats, Reservation};
     let metrics = mcp_marketplace::telemetry::install().expect("no other recorder in this test");
     for backend in backends() {
+        let before = metrics.render();
         let b = Books::open(backend, "2026-11-16T00:00:00Z").await;
         let user = b.account("user").await;
         let creator = b.account("creator").await;
@@ -1077,16 +1087,14 @@ async fn concurrent_calls_get_the_answers_they_would_get_alone() {
             (3 * price, 7 * price)
         );
         b.assert_ok().await;
+        // Both forms ran: set-wise batches, and the twins' one at a time.
+        let after = metrics.render();
+        for mode in ["set", "per_operation"] {
+            assert!(
+                batches_run(&after, mode) > batches_run(&before, mode),
+                "{backend:?} {mode}: {after}"
+            );
+        }
         b.close().await;
-    }
-    // On SQLite both forms ran: set-wise batches, and the twins' one at a time.
-    let text = metrics.render();
-    for mode in ["set", "per_operation"] {
-        assert!(
-            text.lines().any(|l| l.starts_with(&format!(
-                "mcp_marketplace_ledger_batches_total{{mode=\"{mode}\"}}"
-            ))),
-            "{mode}: {text}"
-        );
     }
 }

@@ -1,10 +1,14 @@
-//! Group commit of the call path's ledger writes on SQLite.
+//! Group commit of the call path's ledger writes, on both backends.
 //!
 //! # Why
 //! SQLite has one writer and the store one connection; with `synchronous = FULL` every
 //! commit waits for an fsync of the write-ahead log. One transaction per reserve and
 //! one per settle would cap the marketplace at `1 / (2 × fsync)` paid calls per second
-//! and queue every other statement behind those fsyncs.
+//! and queue every other statement behind those fsyncs. On PostgreSQL every reserve and
+//! every settle moves the one `holds` account, so one transaction per operation holds
+//! that row's lock through a dozen round trips and its commit's WAL flush: every call
+//! of every account waited for the one before it (0.02× the direct call's rate at 32
+//! connections, README "Performance").
 //!
 //! # How
 //! A call's [`Ledger::reserve`], [`Ledger::settle`] and [`Ledger::refund`] put an
@@ -15,28 +19,39 @@
 //! batch, so the batch size follows the load by itself (one operation when idle: no
 //! added latency, no timer).
 //!
-//! A batch runs set-wise first ([`bulk`]): `BEGIN IMMEDIATE` and one read of everything
-//! its checks need in one round trip to sqlx's worker thread, every operation decided
-//! in memory in queue order, then its writes and `COMMIT` in a second round trip, so a
-//! batch costs the same few round trips whatever its size (one operation after the
-//! other cost about a dozen statements per call). When the set-wise run meets what its
-//! in-memory checks do not model (a missing ledger account, a duplicate call id, a
-//! constraint failing in the write), it rolls back and the batch runs again one
-//! operation at a time, each inside its own `SAVEPOINT`, which gives every operation
-//! its exact error. `mcp_marketplace_ledger_batches_total{mode}` counts both.
+//! A batch runs set-wise first ([`bulk`]): the transaction opens and one read returns
+//! everything its checks need, every operation is decided in memory in queue order,
+//! then one write sends its rows (two round trips on SQLite, where each is a hop to
+//! sqlx's worker thread; four on PostgreSQL), so a batch costs the same few round trips
+//! whatever its size (one operation after the other cost about a dozen statements per
+//! call). When the set-wise run meets what its in-memory checks do not model (a missing
+//! ledger account, a duplicate call id, a constraint failing in the write), it rolls
+//! back and the batch runs again one operation at a time, each inside its own
+//! `SAVEPOINT`, which gives every operation its exact error.
+//! `mcp_marketplace_ledger_batches_total{mode}` counts both.
+//!
+//! On PostgreSQL, where several replicas share the database, every batch transaction
+//! first takes one advisory lock (`pg_batch_lock!` in `bulk`), so batches run one after
+//! the other as on SQLite's single writer: the in-memory checks read what every earlier
+//! batch committed, and the rows a batch locks (wallets in id order, then `holds`,
+//! earnings and platform revenue in the ledger's lock order, `lock_rank`) cannot form
+//! a cycle with another batch. Top-ups and payouts, outside batches, lock in the same
+//! order.
 //!
 //! # What it keeps
 //! - **Durability before the answer.** Every operation of a batch is answered only after
-//!   the batch's `COMMIT` returned. A batch holding a settlement commits with
-//!   `synchronous = FULL`, so a call is told "settled" only once its settlement is on
-//!   disk; a crash before that loses the whole batch and no caller was answered (the
-//!   holds of reserved calls are refunded by the sweep, as after any crash). A batch of
-//!   reservations and refunds only commits with `synchronous = NORMAL` (no fsync wait;
-//!   the connection goes back to `FULL` before anything else may use it): it is atomic,
-//!   survives a crash of the process, and is made durable by the next `FULL` commit (the
-//!   write-ahead log is synced in order). A power loss can lose such a batch whole, which
-//!   charges nothing: a lost reservation is a call never charged, a lost refund leaves a
-//!   hold the sweep refunds. A lone paid call thus waits for one fsync, not two.
+//!   the batch's `COMMIT` returned. A batch holding a settlement commits durably
+//!   (SQLite `synchronous = FULL`, PostgreSQL `synchronous_commit` on), so a call is
+//!   told "settled" only once its settlement is on disk; a crash before that loses the
+//!   whole batch and no caller was answered (the holds of reserved calls are refunded by
+//!   the sweep, as after any crash). A batch of reservations and refunds only commits
+//!   relaxed (SQLite `synchronous = NORMAL`, the connection going back to `FULL` before
+//!   anything else may use it; PostgreSQL `SET LOCAL synchronous_commit TO OFF`): it is
+//!   atomic, survives a crash of the process, and is made durable by the next durable
+//!   commit (the write-ahead log is flushed in order). A power loss can lose such a
+//!   batch whole, which charges nothing: a lost reservation is a call never charged, a
+//!   lost refund leaves a hold the sweep refunds. A lone paid call thus waits for one
+//!   flush, not two.
 //! - **Exact checks.** The operations of a batch are decided one after the other in one
 //!   transaction, each seeing the effects of those before it (in memory under the write
 //!   lock, or statement by statement), so spend limits, quotas and the guarded wallet
@@ -48,14 +63,6 @@
 //!   it is written and every operation of it gets [`BillingError::Commit`].
 //! - **No cancellation hazard.** The batch runs in its own task, so a caller whose
 //!   future is dropped (a cancelled MCP request) cannot abort a commit others wait on.
-//!
-//! # Why not on PostgreSQL
-//! PostgreSQL groups commits itself: concurrent transactions on the pool's connections
-//! share the write-ahead log's flushes, and their row locks let them run in parallel.
-//! One big transaction there would hold the `holds` row and every touched wallet for
-//! the whole batch and lock them in the order of the calls, not in the ledger's lock
-//! order (`lock_rank`), inviting deadlocks with top-ups and payouts. So on PostgreSQL
-//! every operation keeps its own transaction.
 
 use std::sync::{Arc, Mutex};
 
@@ -64,13 +71,22 @@ use sqlx::{Acquire, Any};
 use tokio::sync::oneshot;
 
 use super::{BillingError, CallStats, Ledger, Outcome, Reservation};
-use crate::store::{Store, Tx};
+use crate::store::{Backend, Store, Tx};
 
 mod bulk;
 
 /// Most operations in one batch (bounds the transaction's size and the time the single
 /// SQLite connection is held: a few milliseconds).
 pub const MAX_BATCH: usize = 256;
+
+/// Most operations in one batch on PostgreSQL. sqlx 0.9.0 leaves Nagle's algorithm on
+/// for its connections (transact-rs/sqlx#4335): a message the kernel sends in more than
+/// one piece waits for the server's delayed ACK, 40 ms, for its last piece. A batch's
+/// write carries about 600 bytes per operation; with 64 or more operations (about 40
+/// KB) most batch writes took 45 ms on loopback and 256 calls in flight settled 790
+/// calls/s; with at most 32 (about 19 KB) one write in some hundreds stalled and they
+/// settled 4,700/s (`cargo bench --bench hot_path -- ledger_postgres`).
+pub const PG_MAX_BATCH: usize = 32;
 
 /// One ledger write of the call path.
 #[derive(Debug)]
@@ -124,7 +140,21 @@ impl GroupCommit {
             reply,
         });
         loop {
-            let guard = self.leader.clone().lock_owned().await;
+            // Wait for the answer and for the leader lock at once: an operation whose
+            // batch committed returns at once rather than queueing for the lock behind
+            // the others of its batch (each of them then leading a batch of the few
+            // operations queued so far: 256 calls in flight split into dozens of
+            // batches).
+            let guard = tokio::select! {
+                biased;
+                result = &mut answer => {
+                    // Closed: the batch holding it died (a panic), nothing of it committed.
+                    return result.unwrap_or_else(|_| {
+                        Err(BillingError::Commit("the batch was abandoned".into()))
+                    });
+                }
+                guard = self.leader.clone().lock_owned() => guard,
+            };
             match answer.try_recv() {
                 Ok(result) => return result,
                 // The batch holding it died (a panic): nothing of it was committed.
@@ -137,7 +167,11 @@ impl GroupCommit {
             // than MAX_BATCH were queued before it; then loop).
             let jobs = {
                 let mut queue = self.lock_queue();
-                let n = queue.len().min(MAX_BATCH);
+                let most = match store.backend() {
+                    Backend::Sqlite => MAX_BATCH,
+                    Backend::Postgres => PG_MAX_BATCH,
+                };
+                let n = queue.len().min(most);
                 queue.drain(..n).collect::<Vec<_>>()
             };
             let store = store.clone();
@@ -159,29 +193,34 @@ impl GroupCommit {
     }
 }
 
-/// The synchronous mode of the store's SQLite connection during one batch; on drop
-/// without [`SyncMode::restore`] (a failed restore, a panic) the connection is closed
-/// rather than returned to the pool in a weaker mode (a new one opens with `FULL`).
+/// The connection of one batch and, on SQLite, its synchronous mode during the batch;
+/// on drop without [`SyncMode::restore`] (a failed restore, a panic) a relaxed SQLite
+/// connection is closed rather than returned to the pool in a weaker mode (a new one
+/// opens with `FULL`). On PostgreSQL a batch relaxes only its own transaction (`SET
+/// LOCAL`), so the connection is never left relaxed.
 struct SyncMode {
     conn: PoolConnection<Any>,
+    backend: Backend,
     relaxed: bool,
 }
 
 impl SyncMode {
-    /// Takes the store's connection (in `FULL` mode).
+    /// Takes a connection of the store (SQLite: its one connection, in `FULL` mode).
     async fn take(store: &Store) -> Result<Self, sqlx::Error> {
         let conn = store.pool().acquire().await?;
         Ok(Self {
             conn,
+            backend: store.backend(),
             relaxed: false,
         })
     }
 
-    /// When `relax`, sets `synchronous = NORMAL`: a commit then returns without waiting
-    /// for the fsync, and is made durable by the next commit in `FULL` mode (the
-    /// write-ahead log is written and synced in order).
+    /// On SQLite, when `relax`, sets `synchronous = NORMAL`: a commit then returns
+    /// without waiting for the fsync, and is made durable by the next commit in `FULL`
+    /// mode (the write-ahead log is written and synced in order). Nothing on
+    /// PostgreSQL (see [`run_in_transaction`]).
     async fn relax(&mut self, relax: bool) -> Result<(), sqlx::Error> {
-        if relax && !self.relaxed {
+        if relax && !self.relaxed && self.backend == Backend::Sqlite {
             self.relaxed = true;
             sqlx::raw_sql("PRAGMA synchronous = NORMAL")
                 .execute(&mut *self.conn)
@@ -240,18 +279,30 @@ async fn run_batch(store: &Store, jobs: Vec<Job>) {
         Ok(mode) => mode,
         Err(e) => return fail_all(jobs, &e.to_string()),
     };
-    let answers = match run_set_wise(&mut mode, &jobs, relax).await {
-        Ok(results) => {
-            metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "set").increment(1);
-            Ok(results)
-        }
-        Err(bulk::Fallback(why)) => {
-            tracing::debug!(reason = %why, operations = jobs.len(), "ledger batch runs one operation at a time");
-            metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "per_operation")
-                .increment(1);
-            match mode.relax(relax).await {
-                Ok(()) => run_in_transaction(&mut mode.conn, &jobs).await,
-                Err(e) => Err(e.to_string()),
+    // A lone operation on PostgreSQL runs as its statements: there each statement is a
+    // network round trip to a server that answers small ones in microseconds, and the
+    // set-wise form's four larger statements took longer than one operation's dozen
+    // small ones (ledger bench, one call alone: 1.9–2.1 ms per reserve+settle against
+    // 1.28 ms). Batches of two and more run set-wise.
+    let answers = if mode.backend == Backend::Postgres && jobs.len() == 1 {
+        metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "per_operation")
+            .increment(1);
+        run_in_transaction(&mut mode.conn, mode.backend, &jobs, relax).await
+    } else {
+        match run_set_wise(&mut mode, &jobs, relax).await {
+            Ok(results) => {
+                metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "set")
+                    .increment(1);
+                Ok(results)
+            }
+            Err(bulk::Fallback(why)) => {
+                tracing::debug!(reason = %why, operations = jobs.len(), "ledger batch runs one operation at a time");
+                metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "per_operation")
+                    .increment(1);
+                match mode.relax(relax).await {
+                    Ok(()) => run_in_transaction(&mut mode.conn, mode.backend, &jobs, relax).await,
+                    Err(e) => Err(e.to_string()),
+                }
             }
         }
     };
@@ -278,8 +329,8 @@ async fn run_set_wise(
 ) -> Result<Vec<Result<i64, BillingError>>, bulk::Fallback> {
     // Marked before the round trip: if the pragma ran and what follows failed, the
     // connection is relaxed all the same.
-    mode.relaxed |= relax;
-    let outcome = bulk::run(&mut mode.conn, jobs, relax).await;
+    mode.relaxed |= relax && mode.backend == Backend::Sqlite;
+    let outcome = bulk::run(&mut mode.conn, mode.backend, jobs, relax).await;
     if outcome.is_err()
         && sqlx::raw_sql("ROLLBACK")
             .execute(&mut *mode.conn)
@@ -294,12 +345,22 @@ async fn run_set_wise(
 }
 
 /// The jobs' results once their transaction committed (a lone failed job: rolled back,
-/// and its error is the result), or why the whole batch failed.
+/// and its error is the result), or why the whole batch failed. On PostgreSQL the
+/// transaction takes the batch lock first and, when `relax`, does not wait for the
+/// disk at its commit (`SET LOCAL synchronous_commit TO OFF`).
 async fn run_in_transaction(
     conn: &mut PoolConnection<Any>,
+    backend: Backend,
     jobs: &[Job],
+    relax: bool,
 ) -> Result<Vec<Result<i64, BillingError>>, String> {
     let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
+    if backend == Backend::Postgres {
+        sqlx::raw_sql(bulk::pg_lock(relax))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let alone = jobs.len() == 1;
     let mut results = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {

@@ -35,16 +35,19 @@
 //! Lock order. On PostgreSQL two transactions that lock the same rows in different
 //! orders can deadlock; every transaction here locks in one order: the call row, the
 //! key, the usage counter, then ledger accounts ranked wallet < holds < earnings <
-//! platform < external (see [`lock_rank`]; `write_entries` sorts by it).
+//! platform < external (see [`lock_rank`]; `write_entries` sorts by it). The call
+//! path's batches (`group.rs`) first take one advisory lock, so call rows, keys and
+//! usage counters are only ever locked by one batch at a time, and lock every ledger
+//! account they move up front, in that rank order.
 //!
 //! The folder: this file holds the types, the money movements and their primitives;
 //! `subscriptions.rs` plans and the booking of their monthly fees and credits;
 //! `reads.rs` the queries invoices and payouts reconcile against; `verify.rs` `ledger
 //! verify`.
 //!
-//! Speed. On SQLite the call path's reserve, settle and refund are group-committed
-//! (`group.rs`: many calls' writes in one transaction and one fsync, each call answered
-//! only after its own batch committed); on PostgreSQL each keeps its own transaction.
+//! Speed. The call path's reserve, settle and refund are group-committed on both
+//! backends (`group.rs`: many calls' writes in one transaction and one fsync, each call
+//! answered only after its own batch committed).
 //! How several replicas could reserve without a database round trip per call and never
 //! overdraw (leasing slices of a wallet's balance to a replica) is designed in
 //! `docs/ledger.md`.
@@ -66,7 +69,7 @@ mod reads;
 mod subscriptions;
 mod verify;
 
-pub use group::MAX_BATCH;
+pub use group::{MAX_BATCH, PG_MAX_BATCH};
 pub use reads::WalletMovement;
 pub use subscriptions::{BookedPeriod, CurrentPlan, PlanChange, PlanHistoryEntry};
 
@@ -277,7 +280,7 @@ pub struct Ledger {
     store: Store,
     clock: Arc<dyn Clock>,
     plans: Arc<PlanBook>,
-    /// The group commit of the call path's writes (SQLite), shared by clones.
+    /// The group commit of the call path's writes, shared by clones.
     group: Arc<group::GroupCommit>,
     /// Server id → owner account id (immutable facts), shared by clones.
     owners: Arc<dashmap::DashMap<String, String>>,
@@ -407,17 +410,9 @@ impl Ledger {
     /// [`BillingError::QuotaExceeded`] with nothing written; [`BillingError::Store`].
     pub async fn reserve(&self, r: &Reservation) -> Result<i64, BillingError> {
         let at = self.now_ms();
-        if self.store.backend() == Backend::Sqlite {
-            return self
-                .group
-                .submit(self.clone(), group::Op::Reserve(r.clone()), at)
-                .await;
-        }
-        let mut tx = self.store.begin().await?;
-        relax_commit(&mut tx).await?;
-        let balance = self.reserve_in(&mut tx, r, at).await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(balance)
+        self.group
+            .submit(self.clone(), group::Op::Reserve(r.clone()), at)
+            .await
     }
 
     /// The reservation of [`Ledger::reserve`] inside `tx`, stamped `at` (epoch ms).
@@ -546,24 +541,13 @@ impl Ledger {
         stats: CallStats,
     ) -> Result<i64, BillingError> {
         let at = self.now_ms();
-        if self.store.backend() == Backend::Sqlite {
-            let op = group::Op::Finish {
-                call_id: call_id.to_owned(),
-                outcome,
-                error_kind: error_kind.map(str::to_owned),
-                stats,
-            };
-            return self.group.submit(self.clone(), op, at).await;
-        }
-        let mut tx = self.store.begin().await?;
-        if outcome == Outcome::Refunded {
-            relax_commit(&mut tx).await?;
-        }
-        let balance = self
-            .finish_in(&mut tx, call_id, outcome, error_kind, stats, at)
-            .await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(balance)
+        let op = group::Op::Finish {
+            call_id: call_id.to_owned(),
+            outcome,
+            error_kind: error_kind.map(str::to_owned),
+            stats,
+        };
+        self.group.submit(self.clone(), op, at).await
     }
 
     /// The settle or refund of [`Ledger::finish`] inside `tx`, stamped `at` (epoch ms).
@@ -1086,7 +1070,8 @@ async fn insert_transfer(
 }
 
 /// The place of a ledger account in the lock order: wallets, then holds, then
-/// earnings, then the platform's accounts, then the external ones. Every transaction
+/// earnings, then the platform's accounts, then the external ones (the PostgreSQL
+/// batch read in `group/bulk.rs` sorts its `FOR UPDATE` by the same ranks, in SQL). Every transaction
 /// that moves several balances moves them in this order, so two can never wait on each
 /// other in a cycle (PostgreSQL would abort one as a deadlock).
 pub fn lock_rank(ledger_account: &str) -> u8 {
@@ -1204,19 +1189,6 @@ async fn post_transfer(
     let id = insert_transfer(tx, kind, call_id, amount, memo, at).await?;
     write_entries(tx, &id, entries, |_| true).await?;
     Ok(id.0)
-}
-
-/// On PostgreSQL, lets the commit of `tx` (a reservation or a refund) return without
-/// waiting for its write-ahead log flush (`SET LOCAL synchronous_commit TO OFF`): the
-/// transaction stays atomic and is flushed in log order with the next durable commit,
-/// so a crash can only lose it whole, which charges nothing (a lost reservation is a
-/// call never charged; a lost refund leaves a hold the sweep refunds). Settlements keep
-/// the durable commit. See docs/ledger.md "Durability".
-async fn relax_commit(tx: &mut Tx<'_>) -> Result<(), BillingError> {
-    sqlx::query("SET LOCAL synchronous_commit TO OFF")
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]
