@@ -9,7 +9,9 @@
 //! - `catalog/resolve`: `{slug}__{tool}` → server and tool, for an account that
 //!   installed 20 servers of 500 tools;
 //! - `gateway/tools_list/10000`: the `tools/list` answer of that account (10,000
-//!   catalog tools, each with its price in `_meta`).
+//!   catalog tools, each with its price in `_meta`);
+//! - `gateway/tools_list_allow_list/10000`: the same for a key whose allow-list (two
+//!   glob patterns) admits 1,000 of them.
 //!
 //! ```text
 //! cargo bench --bench hot_path                 # all
@@ -25,7 +27,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use mcp_marketplace::app::App;
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::accounts::create_account;
-use mcp_marketplace::auth::keys::{NewKey, authenticate, create_key};
+use mcp_marketplace::auth::keys::{NewKey, authenticate, create_key, parse_allow_tools};
 use mcp_marketplace::billing::plans::{PlanBook, PlanFile, QuotaSetting};
 use mcp_marketplace::billing::{CallStats, Reservation};
 use mcp_marketplace::catalog::{NewServer, ServerStatus};
@@ -43,6 +45,8 @@ const PRICE_MICROS: i64 = 100;
 struct World {
     app: Arc<App>,
     caller: Caller,
+    /// The same account through a key allowed `srv00__*,srv01__tool_*` (1,000 tools).
+    allowed: Caller,
     account_id: String,
     key_id: String,
     server_id: String,
@@ -118,6 +122,21 @@ async fn world(backend: &str) -> World {
     .expect("key")
     .1;
     let key = authenticate(&app.store, &key).await.expect("the key works");
+    let allowed = create_key(
+        &app.store,
+        "user",
+        &NewKey {
+            scopes: vec![Scope::Invoke],
+            allow_tools: parse_allow_tools("srv00__*,srv01__tool_*").expect("globs"),
+            ..NewKey::default()
+        },
+    )
+    .await
+    .expect("key")
+    .1;
+    let allowed = authenticate(&app.store, &allowed)
+        .await
+        .expect("the key works");
     let mut server_id = String::new();
     for s in 0..SERVERS {
         let slug = format!("srv{s:02}");
@@ -165,6 +184,10 @@ async fn world(backend: &str) -> World {
     World {
         caller: Caller {
             key: key.clone(),
+            slug: None,
+        },
+        allowed: Caller {
+            key: allowed,
             slug: None,
         },
         account_id: key.account_id,
@@ -275,6 +298,18 @@ fn benches(c: &mut Criterion) {
                         .block_on(mcp_marketplace::gateway::tools::list(&w.app, &w.caller))
                         .expect("tools/list");
                     assert!(tools.len() >= SERVERS * TOOLS_PER_SERVER);
+                    tools
+                });
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new("tools_list_allow_list", SERVERS * TOOLS_PER_SERVER),
+            |b| {
+                b.iter(|| {
+                    let tools = rt
+                        .block_on(mcp_marketplace::gateway::tools::list(&w.app, &w.allowed))
+                        .expect("tools/list");
+                    assert_eq!(tools.len(), 2 * TOOLS_PER_SERVER);
                     tools
                 });
             },
