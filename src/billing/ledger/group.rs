@@ -283,7 +283,7 @@ async fn run_batch(store: &Store, jobs: Vec<Job>) {
     // network round trip to a server that answers small ones in microseconds, and the
     // set-wise form's four larger statements took longer than one operation's dozen
     // small ones (ledger bench, one call alone: 1.9–2.1 ms per reserve+settle against
-    // 1.28 ms). Batches of two and more run set-wise.
+    // 1.5 ms). Batches of two and more run set-wise.
     let answers = if mode.backend == Backend::Postgres && jobs.len() == 1 {
         metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "per_operation")
             .increment(1);

@@ -144,13 +144,18 @@ const PG_BEGIN_RELAXED: &str = concat!(
     "; SET LOCAL synchronous_commit TO OFF"
 );
 
-/// The batch lock for a transaction already open, and (when `relax`) a commit that
-/// does not wait for the disk: PostgreSQL, one round trip.
+/// The batch lock and the planner settings for a transaction already open (a batch run
+/// one operation at a time), and (when `relax`) a commit that does not wait for the
+/// disk: PostgreSQL, one round trip.
 pub(super) fn pg_lock(relax: bool) -> &'static str {
     if relax {
-        concat!(pg_batch_lock!(), "; SET LOCAL synchronous_commit TO OFF")
+        concat!(
+            pg_batch_lock!(),
+            pg_plan!(),
+            "; SET LOCAL synchronous_commit TO OFF"
+        )
     } else {
-        pg_batch_lock!()
+        concat!(pg_batch_lock!(), pg_plan!())
     }
 }
 
