@@ -136,15 +136,15 @@ pub struct KeyContext {
 /// name against one automaton instead of compiling every pattern per tool.
 #[derive(Debug, Clone, Default)]
 pub struct AllowList {
-    patterns: Vec<String>,
-    /// `None` when `patterns` is empty (every tool admitted).
+    /// `None` for an empty list (every tool admitted).
     set: Option<globset::GlobSet>,
 }
 
 impl AllowList {
-    /// Compiles `patterns`. A pattern that is not a valid glob admits nothing (they are
-    /// validated when the key is made, by [`parse_allow_tools`]).
-    pub fn new(patterns: Vec<String>) -> Self {
+    /// Compiles `patterns`; an empty slice admits every tool. A pattern that is not a
+    /// valid glob admits nothing (they are validated when the key is made, by
+    /// [`parse_allow_tools`]).
+    pub fn new(patterns: &[String]) -> Self {
         if patterns.is_empty() {
             return Self::default();
         }
@@ -157,15 +157,7 @@ impl AllowList {
         let set = builder
             .build()
             .unwrap_or_else(|_| globset::GlobSet::empty());
-        Self {
-            patterns,
-            set: Some(set),
-        }
-    }
-
-    /// True when the list is empty, which admits every tool.
-    pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
+        Self { set: Some(set) }
     }
 
     /// True when the list is empty or a pattern matches the namespaced tool `name`.
@@ -536,7 +528,7 @@ async fn lookup(store: &Store, hash: &str) -> Result<KeyContext, KeyError> {
         account_id: row.try_get(1)?,
         account_name: row.try_get(2)?,
         scopes: parse_stored_scopes(&row.try_get::<String, _>(3)?),
-        allow_tools: AllowList::new(split_list(row.try_get(4)?)),
+        allow_tools: AllowList::new(&split_list(row.try_get(4)?)),
         spend_limits: stored_limits(daily, monthly),
         expires_at,
     })
@@ -659,7 +651,7 @@ mod tests {
             account_id: String::new(),
             account_name: String::new(),
             scopes: vec![Scope::Invoke],
-            allow_tools: AllowList::new(parse_allow_tools("calendar__*,notes__get_*").unwrap()),
+            allow_tools: AllowList::new(&parse_allow_tools("calendar__*,notes__get_*").unwrap()),
             spend_limits: Vec::new(),
             expires_at: None,
         };
