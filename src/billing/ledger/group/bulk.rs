@@ -202,10 +202,8 @@ SELECT json_build_object( \
 )::text";
 
 /// [`write_sql!`] for PostgreSQL: one statement whose data-modifying `WITH` parts all
-/// run (foreign keys are checked at its end), fed the same arrays, except that the
-/// balance changes carry the low-balance flag as a third element (`[account, delta,
-/// alerted]`): one statement may not update a row twice. `COMMIT` follows in its own
-/// round trip (a statement with parameters cannot hold two).
+/// run (foreign keys are checked at its end), fed the same seven arrays. `COMMIT`
+/// follows in its own round trip (a statement with parameters cannot hold two).
 const PG_WRITE: &str = "\
 WITH new_calls AS (INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, \
  fee_micros, status, hold_expires_at, created_at, request_bytes) \
@@ -230,7 +228,7 @@ INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
  SELECT e->>0, e->>1, (e->>2)::bigint, (e->>3)::bigint FROM jsonb_array_elements($7::jsonb) AS e \
  ON CONFLICT (account_id, month) DO UPDATE SET calls = excluded.calls, spent_micros = excluded.spent_micros";
 
-/// Everything the batch writes (eight statements, each fed one JSON array of rows; an
+/// Everything the batch writes (seven statements, each fed one JSON array of rows; an
 /// empty array writes nothing). `jsonb_each` (SQLite 3.45+) hands each row over as a
 /// JSONB blob, so the `json_extract`s of its columns do not parse its text again
 /// (`json_each` did, once per column: a fifth of a batch's time in `perf`).
@@ -261,16 +259,17 @@ INSERT INTO ledger_transfers (id, kind, call_id, amount, memo, created_at) \
 INSERT INTO ledger_entries (transfer_id, ledger_account_id, amount) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') \
  FROM jsonb_each($4); \
-UPDATE ledger_accounts SET balance = balance + j.delta \
- FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS delta FROM jsonb_each($5)) AS j \
+UPDATE ledger_accounts SET balance = balance + j.delta, \
+ low_balance_alerted = CASE WHEN j.alerted THEN 1 ELSE low_balance_alerted END \
+ FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS delta, \
+ json_extract(value, '$[2]') AS alerted FROM jsonb_each($5)) AS j \
  WHERE ledger_accounts.id = j.id; \
-UPDATE ledger_accounts SET low_balance_alerted = 1 WHERE id IN (SELECT value FROM json_each($6)); \
 INSERT INTO balance_alerts (id, account_id, kind, threshold_micros, balance_micros, call_id, created_at) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 'low_balance', json_extract(value, '$[2]'), \
- json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]') FROM jsonb_each($7); \
+ json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]') FROM jsonb_each($6); \
 INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), \
- json_extract(value, '$[3]') FROM jsonb_each($8) WHERE true \
+ json_extract(value, '$[3]') FROM jsonb_each($7) WHERE true \
  ON CONFLICT (account_id, month) DO UPDATE SET calls = excluded.calls, spent_micros = excluded.spent_micros"
     };
 }
@@ -740,51 +739,42 @@ async fn write(
             Some(json!([key.0, key.1, calls, spent]))
         })
         .collect();
-    if backend == Backend::Postgres {
-        // One statement cannot update a row twice: the low-balance flag rides with the
-        // balance change (a wallet that crossed its threshold was debited in this batch).
-        let mut balances: BTreeMap<&str, (i64, bool)> = writes
-            .deltas
-            .iter()
-            .filter(|(_, delta)| **delta != 0)
-            .map(|(account, delta)| (account.as_str(), (*delta, false)))
-            .collect();
-        for account in &writes.alerted {
-            balances.entry(account.as_str()).or_default().1 = true;
-        }
-        let balances: Vec<Value> = balances
-            .into_iter()
-            .map(|(account, (delta, alerted))| json!([account, delta, alerted]))
-            .collect();
-        sqlx::query(PG_WRITE)
-            .bind(Value::Array(writes.new_calls).to_string())
-            .bind(Value::Array(writes.finished_calls).to_string())
-            .bind(Value::Array(writes.transfers).to_string())
-            .bind(Value::Array(writes.entries).to_string())
-            .bind(Value::Array(balances).to_string())
-            .bind(Value::Array(writes.alerts).to_string())
-            .bind(Value::Array(usage).to_string())
-            .execute(&mut *conn)
-            .await?;
-        sqlx::raw_sql("COMMIT").execute(conn).await?;
-        return Ok(());
-    }
-    let deltas: Vec<Value> = writes
+    // `[account, delta, alerted]`: the low-balance flag rides with the balance change
+    // (a wallet that crossed its threshold was debited in this batch), so each row is
+    // updated once (PostgreSQL forbids updating a row twice in one statement).
+    let mut balances: BTreeMap<&str, (i64, bool)> = writes
         .deltas
-        .into_iter()
-        .filter(|(_, delta)| *delta != 0)
-        .map(|(account, delta)| json!([account, delta]))
+        .iter()
+        .filter(|(_, delta)| **delta != 0)
+        .map(|(account, delta)| (account.as_str(), (*delta, false)))
         .collect();
-    sqlx::query(WRITE_AND_COMMIT)
-        .bind(Value::Array(writes.new_calls).to_string())
-        .bind(Value::Array(writes.finished_calls).to_string())
-        .bind(Value::Array(writes.transfers).to_string())
-        .bind(Value::Array(writes.entries).to_string())
-        .bind(Value::Array(deltas).to_string())
-        .bind(json!(writes.alerted).to_string())
-        .bind(Value::Array(writes.alerts).to_string())
-        .bind(Value::Array(usage).to_string())
-        .execute(conn)
-        .await?;
+    for account in &writes.alerted {
+        balances.entry(account.as_str()).or_default().1 = true;
+    }
+    let balances: Vec<Value> = balances
+        .into_iter()
+        .map(|(account, (delta, alerted))| json!([account, delta, alerted]))
+        .collect();
+    let sql = match backend {
+        Backend::Sqlite => WRITE_AND_COMMIT,
+        Backend::Postgres => PG_WRITE,
+    };
+    let mut query = sqlx::query(sql);
+    for rows in [
+        writes.new_calls,
+        writes.finished_calls,
+        writes.transfers,
+        writes.entries,
+        balances,
+        writes.alerts,
+        usage,
+    ] {
+        query = query.bind(Value::Array(rows).to_string());
+    }
+    query.execute(&mut *conn).await?;
+    if backend == Backend::Postgres {
+        // A statement with parameters cannot hold a second one.
+        sqlx::raw_sql("COMMIT").execute(conn).await?;
+    }
     Ok(())
 }
