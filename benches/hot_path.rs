@@ -28,6 +28,7 @@ use mcp_marketplace::app::App;
 use mcp_marketplace::auth::Scope;
 use mcp_marketplace::auth::accounts::create_account;
 use mcp_marketplace::auth::keys::{NewKey, authenticate, create_key, parse_allow_tools};
+use mcp_marketplace::auth::signing::UpstreamClaims;
 use mcp_marketplace::billing::plans::{PlanBook, PlanFile, QuotaSetting};
 use mcp_marketplace::billing::{CallStats, Reservation};
 use mcp_marketplace::catalog::{NewServer, ServerStatus};
@@ -287,6 +288,33 @@ fn benches(c: &mut Criterion) {
             });
         });
         g.finish();
+
+        if label == "sqlite" {
+            // The two Ed25519 signatures of every call: the upstream's per-call token
+            // and the receipt.
+            let mut g = c.benchmark_group("signing");
+            let signer = &w.app.signer;
+            g.bench_function("upstream_token", |b| {
+                b.iter(|| {
+                    signer
+                        .upstream_token(&UpstreamClaims {
+                            iss: "http://127.0.0.1:8080".into(),
+                            aud: "srv07".into(),
+                            sub: signer.pseudonym(&w.account_id, "srv07"),
+                            jti: "0193a4d2-7c1e-7000-8000-000000000000".into(),
+                            iat: 1_796_000_000,
+                            exp: 1_796_000_300,
+                            tool: "tool_123".into(),
+                            price_micros: 100,
+                        })
+                        .expect("token")
+                });
+            });
+            g.bench_function("receipt", |b| {
+                b.iter(|| signer.sign(b"a receipt's canonical bytes, about this long"));
+            });
+            g.finish();
+        }
 
         let mut g = c.benchmark_group(format!("gateway_{label}"));
         g.sample_size(10);

@@ -185,6 +185,77 @@ async fn changed_and_new_tools_are_held_back_until_re_approved() {
     }
 }
 
+/// Every forwarded call carries a per-call token the upstream can check with any JWT
+/// library against the marketplace's published keys (src/auth/signing.rs): EdDSA,
+/// audience the server's slug, `jti` the call id (also `X-Request-Id`), the tool and
+/// its price, a pseudonym instead of the account, a minute of validity.
+#[tokio::test]
+async fn the_upstream_token_verifies_against_the_published_keys() {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+    use mcp_marketplace::auth::signing::UPSTREAM_TOKEN_TTL_SECS;
+    for backend in backends() {
+        let (market, fault, key, _) = faulty(backend).await;
+        let s = RawSession::open(&market.mcp_url(), &key).await;
+        let a = s.call(1, "faulty__add", json!({"a": 1, "b": 2})).await;
+        assert_eq!(a.tool_error_kind(), None, "{}", a.body);
+        let receipt = a
+            .message
+            .as_ref()
+            .and_then(|m| m.pointer("/result/_meta/mcp-marketplace~1receipt"))
+            .cloned()
+            .unwrap_or_else(|| panic!("a receipt: {}", a.body));
+        let seen = fault.state.seen.lock().unwrap().last().cloned().unwrap();
+        let token = seen["x-mcp-marketplace-token"].to_str().unwrap().to_owned();
+
+        let jwks: Value = reqwest::get(format!("{}/.well-known/jwks.json", market.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let kid = decode_header(&token).unwrap().kid.expect("a kid");
+        let jwk = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == kid.as_str())
+            .unwrap_or_else(|| panic!("{kid} is published: {jwks}"));
+        let decoding = DecodingKey::from_ed_components(jwk["x"].as_str().unwrap()).unwrap();
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_audience(&["faulty"]);
+        let claims = decode::<Value>(&token, &decoding, &validation)
+            .unwrap_or_else(|e| panic!("the token verifies: {e}"))
+            .claims;
+        assert_eq!(claims["jti"], receipt["call_id"], "{claims}");
+        assert_eq!(
+            seen["x-request-id"].to_str().unwrap(),
+            receipt["call_id"].as_str().unwrap()
+        );
+        assert_eq!(claims["tool"], "add");
+        assert_eq!(claims["price_micros"], receipt["price_micros"]);
+        assert_eq!(claims["iss"], market.app.config.public_url.as_str());
+        assert_eq!(
+            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+            UPSTREAM_TOKEN_TTL_SECS
+        );
+        // A pseudonym (22 base64url characters), not the account.
+        let sub = claims["sub"].as_str().unwrap();
+        assert_eq!(sub.len(), 22, "{sub}");
+        assert_ne!(claims["sub"], receipt["account"]);
+
+        // A token altered in one byte, or checked for another server, does not verify.
+        let mut forged = token.clone().into_bytes();
+        let dot = token.find('.').unwrap() + 3;
+        forged[dot] = if forged[dot] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert!(decode::<Value>(&forged, &decoding, &validation).is_err());
+        validation.set_audience(&["another"]);
+        assert!(decode::<Value>(&token, &decoding, &validation).is_err());
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn credentials_are_injected_and_never_shown_and_the_secret_rotates() {
     for backend in backends() {

