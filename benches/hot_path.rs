@@ -303,7 +303,7 @@ fn benches(c: &mut Criterion) {
                             sub: signer.pseudonym(&w.account_id, "srv07"),
                             jti: "0193a4d2-7c1e-7000-8000-000000000000".into(),
                             iat: 1_796_000_000,
-                            exp: 1_796_000_300,
+                            exp: 1_796_000_060,
                             tool: "tool_123".into(),
                             price_micros: 100,
                         })
