@@ -53,14 +53,8 @@ async fn python_sdk_client_calls_tools_and_is_billed() {
             .get("mcp-marketplace/receipt")
             .expect("receipt in the result's _meta");
         let receipt = Receipt::from_json(receipt_json).expect("receipt parses");
-        let jwks: Value = reqwest::get(format!("{}/.well-known/jwks.json", w.market.base))
-            .await
-            .expect("GET jwks")
-            .json()
-            .await
-            .expect("jwks is JSON");
         receipt
-            .verify(&keys_from_jwks(&jwks))
+            .verify(&keys_from_jwks(&w.market.jwks().await))
             .expect("receipt signature verifies against the JWKS");
         assert_eq!(receipt.outcome, "settled");
         assert_eq!(receipt.charged_micros, UNITS_PRICE);

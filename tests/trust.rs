@@ -207,12 +207,7 @@ async fn the_upstream_token_verifies_against_the_published_keys() {
         let seen = fault.state.seen.lock().unwrap().last().cloned().unwrap();
         let token = seen["x-mcp-marketplace-token"].to_str().unwrap().to_owned();
 
-        let jwks: Value = reqwest::get(format!("{}/.well-known/jwks.json", market.base))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let jwks = market.jwks().await;
         let kid = decode_header(&token).unwrap().kid.expect("a kid");
         let jwk = jwks["keys"]
             .as_array()

@@ -224,9 +224,9 @@ impl Signer {
         let mut token = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(serde_json::to_vec(claims)?, &mut token);
-        let signature = self.key.sign(token.as_bytes());
+        let signature = self.sign(token.as_bytes());
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
+        token.push_str(&signature);
         Ok(token)
     }
 }

@@ -211,6 +211,16 @@ impl Market {
         format!("{}/mcp", self.base)
     }
 
+    /// `GET /.well-known/jwks.json`: the keys receipts and upstream tokens verify with.
+    pub async fn jwks(&self) -> serde_json::Value {
+        reqwest::get(format!("{}/.well-known/jwks.json", self.base))
+            .await
+            .expect("GET jwks")
+            .json()
+            .await
+            .expect("jwks is JSON")
+    }
+
     pub async fn account(&self, name: &str) -> Account {
         create_account(&self.app.store, name)
             .await
