@@ -14,7 +14,10 @@
 //! session has its own keep-alive HTTP/1.1 connection, as separate clients would;
 //! `--shared-connection` sends every session over one connection. It prints the
 //! child's VmRSS and VmHWM (from `/proc/PID/status`) after start, after warm-up and
-//! with all sessions open, and the growth per session. Linux only (it reads `/proc`).
+//! with all sessions open, and the growth per session; and how long each session's
+//! `tools/list` took as the client saw it (request sent to answer parsed, p50 and p90:
+//! with `--catalog-tools 10000` the whole path of a 10,000-tool answer, serialization
+//! and transfer included). Linux only (it reads `/proc`).
 
 use std::time::{Duration, Instant};
 
@@ -213,9 +216,10 @@ async fn post(
     Ok((h, message))
 }
 
-/// `initialize`, `notifications/initialized`, `tools/list`; returns the session and
-/// the number of tools listed.
-async fn open(http: reqwest::Client, url: &str, key: &str) -> Result<(Session, usize)> {
+/// `initialize`, `notifications/initialized`, `tools/list`; returns the session, the
+/// number of tools listed and how long the `tools/list` took as the client saw it
+/// (request sent to answer parsed).
+async fn open(http: reqwest::Client, url: &str, key: &str) -> Result<(Session, usize, Duration)> {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("accept", "application/json, text/event-stream".parse()?);
     headers.insert("content-type", "application/json".parse()?);
@@ -237,6 +241,7 @@ async fn open(http: reqwest::Client, url: &str, key: &str) -> Result<(Session, u
         json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
     )
     .await?;
+    let asked = Instant::now();
     let (_, list) = post(
         &http,
         url,
@@ -244,6 +249,7 @@ async fn open(http: reqwest::Client, url: &str, key: &str) -> Result<(Session, u
         json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
     )
     .await?;
+    let listed_in = asked.elapsed();
     let tools = list
         .as_ref()
         .and_then(|m| m.pointer("/result/tools"))
@@ -256,6 +262,7 @@ async fn open(http: reqwest::Client, url: &str, key: &str) -> Result<(Session, u
             _id: id,
         },
         tools,
+        listed_in,
     ))
 }
 
@@ -378,7 +385,7 @@ async fn main() -> Result<()> {
 
     // Warm-up: one session builds the catalog snapshot and the tools/list answer.
     let shared = client()?;
-    let (warm, tools) = open(shared.clone(), &url, &key).await?;
+    let (warm, tools, _) = open(shared.clone(), &url, &key).await?;
     drop(warm);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let warmed = memory_kib(pid)?;
@@ -386,15 +393,17 @@ async fn main() -> Result<()> {
 
     let t0 = Instant::now();
     let mut sessions = Vec::with_capacity(args.sessions);
+    let mut listings = Vec::with_capacity(args.sessions);
     for _ in 0..args.sessions {
         let http = if args.shared {
             shared.clone()
         } else {
             client()?
         };
-        let (s, n) = open(http, &url, &key).await?;
+        let (s, n, listed_in) = open(http, &url, &key).await?;
         ensure!(n == tools, "a session listed {n} tools, not {tools}");
         sessions.push(s);
+        listings.push(listed_in);
     }
     let opened = t0.elapsed();
     // Let the marketplace settle (freed request buffers returned to the allocator).
@@ -412,6 +421,16 @@ async fn main() -> Result<()> {
         },
         opened.as_secs_f64()
     );
+    listings.sort();
+    if !listings.is_empty() {
+        let at =
+            |q: f64| listings[((listings.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+        println!(
+            "  tools/list of {tools} tools, as the client saw it (sent to parsed): p50 {:.2} ms, p90 {:.2} ms",
+            at(0.5),
+            at(0.9)
+        );
+    }
     println!("  marketplace process {pid} (VmRSS / VmHWM / live heap):");
     let row = |label: &str, m: (u64, u64), heap: u64| {
         println!(
