@@ -37,6 +37,10 @@ use mcp_marketplace::gateway::Caller;
 use serde_json::json;
 use tokio::runtime::Runtime;
 
+/// The product binary's allocator (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Servers × tools per server = the 10,000 tools of the `tools/list` benchmark.
 const SERVERS: usize = 20;
 const TOOLS_PER_SERVER: usize = 500;

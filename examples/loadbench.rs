@@ -461,6 +461,13 @@ fn print_table(label: &str, connections: usize, r: &[Measured]) {
     }
 }
 
+/// The product binary's allocator (src/main.rs), so the marketplace measured here
+/// allocates as it does in production. The client and the echo upstream share this
+/// process, so they use it too: the direct call (a) is faster with it than with
+/// glibc's malloc, which makes the ratios to it stricter.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;

@@ -35,18 +35,19 @@ use tokio_util::sync::CancellationToken;
 /// Servers the optional extra catalog tools are spread over.
 const CATALOG_SERVERS: usize = 20;
 
-/// The system allocator, counting the bytes live on the heap (printed next to VmRSS:
-/// what the program holds, as opposed to what the allocator keeps from the OS).
+/// The product binary's allocator (jemalloc, src/main.rs), counting the bytes live on
+/// the heap (printed next to VmRSS: what the program holds, as opposed to what the
+/// allocator keeps from the OS).
 struct Counting;
 
 static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-// SAFETY: every call is forwarded to the system allocator unchanged; only a counter
-// is updated besides.
+// SAFETY: every call is forwarded to jemalloc unchanged; only a counter is updated
+// besides.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is the system allocator's.
-        let p = unsafe { std::alloc::System.alloc(layout) };
+        // SAFETY: the caller's contract is jemalloc's.
+        let p = unsafe { std::alloc::GlobalAlloc::alloc(&tikv_jemallocator::Jemalloc, layout) };
         if !p.is_null() {
             LIVE_BYTES.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
         }
@@ -55,13 +56,15 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         // SAFETY: as above.
-        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        unsafe { std::alloc::GlobalAlloc::dealloc(&tikv_jemallocator::Jemalloc, ptr, layout) };
         LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as above.
-        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        let p = unsafe {
+            std::alloc::GlobalAlloc::realloc(&tikv_jemallocator::Jemalloc, ptr, layout, new_size)
+        };
         if !p.is_null() {
             LIVE_BYTES.fetch_add(new_size, std::sync::atomic::Ordering::Relaxed);
             LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
