@@ -37,9 +37,9 @@ use mcp_marketplace::gateway::Caller;
 use serde_json::json;
 use tokio::runtime::Runtime;
 
-/// The product binary's allocator (src/main.rs).
+/// The product binary's allocator ([`mcp_marketplace::Allocator`]).
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: mcp_marketplace::Allocator = mcp_marketplace::ALLOCATOR;
 
 /// Servers × tools per server = the 10,000 tools of the `tools/list` benchmark.
 const SERVERS: usize = 20;

@@ -461,12 +461,12 @@ fn print_table(label: &str, connections: usize, r: &[Measured]) {
     }
 }
 
-/// The product binary's allocator (src/main.rs), so the marketplace measured here
+/// The product binary's allocator ([`mcp_marketplace::Allocator`]), so the marketplace measured here
 /// allocates as it does in production. The client and the echo upstream share this
 /// process, so they use it too: the direct call (a) is faster with it than with
 /// glibc's malloc, which makes the ratios to it stricter.
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: mcp_marketplace::Allocator = mcp_marketplace::ALLOCATOR;
 
 #[tokio::main]
 async fn main() -> Result<()> {

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 /// Servers the optional extra catalog tools are spread over.
 const CATALOG_SERVERS: usize = 20;
 
-/// The product binary's allocator (jemalloc, src/main.rs), counting the bytes live on
+/// The product binary's allocator ([`mcp_marketplace::Allocator`]), counting the bytes live on
 /// the heap (printed next to VmRSS: what the program holds, as opposed to what the
 /// allocator keeps from the OS).
 struct Counting;
@@ -47,7 +47,7 @@ static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         // SAFETY: the caller's contract is jemalloc's.
-        let p = unsafe { std::alloc::GlobalAlloc::alloc(&tikv_jemallocator::Jemalloc, layout) };
+        let p = unsafe { std::alloc::GlobalAlloc::alloc(&mcp_marketplace::ALLOCATOR, layout) };
         if !p.is_null() {
             LIVE_BYTES.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
         }
@@ -56,14 +56,14 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         // SAFETY: as above.
-        unsafe { std::alloc::GlobalAlloc::dealloc(&tikv_jemallocator::Jemalloc, ptr, layout) };
+        unsafe { std::alloc::GlobalAlloc::dealloc(&mcp_marketplace::ALLOCATOR, ptr, layout) };
         LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as above.
         let p = unsafe {
-            std::alloc::GlobalAlloc::realloc(&tikv_jemallocator::Jemalloc, ptr, layout, new_size)
+            std::alloc::GlobalAlloc::realloc(&mcp_marketplace::ALLOCATOR, ptr, layout, new_size)
         };
         if !p.is_null() {
             LIVE_BYTES.fetch_add(new_size, std::sync::atomic::Ordering::Relaxed);

@@ -5,13 +5,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use mcp_marketplace::cli::{Cli, run};
 
-/// The process's allocator: jemalloc (`tikv-jemallocator`). A call, a `tools/list`
-/// and a session allocate many small values, and glibc's malloc spent a third of a
-/// 10,000-tool listing in its own bookkeeping: with jemalloc that listing takes
-/// 5.6 ms instead of 15.5 ms and the marketplace serves about 15 % more calls per
-/// second, at the same resident memory with 1,000 sessions (README "Performance").
+/// The package's allocator ([`mcp_marketplace::Allocator`]: jemalloc, and why).
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: mcp_marketplace::Allocator = mcp_marketplace::ALLOCATOR;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
