@@ -204,7 +204,19 @@ async fn the_upstream_token_verifies_against_the_published_keys() {
             .and_then(|m| m.pointer("/result/_meta/mcp-marketplace~1receipt"))
             .cloned()
             .unwrap_or_else(|| panic!("a receipt: {}", a.body));
-        let seen = fault.state.seen.lock().unwrap().last().cloned().unwrap();
+        // The call's own request: the session's other requests (its GET stream, say)
+        // may reach the upstream after it.
+        let call_id = receipt["call_id"].as_str().expect("a call id").to_owned();
+        let seen = fault
+            .state
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|h| h.contains_key("x-mcp-marketplace-token"))
+            .cloned()
+            .unwrap_or_else(|| panic!("the upstream saw the call {call_id} with a token"));
         let token = seen["x-mcp-marketplace-token"].to_str().unwrap().to_owned();
 
         let jwks = market.jwks().await;
@@ -222,10 +234,7 @@ async fn the_upstream_token_verifies_against_the_published_keys() {
             .unwrap_or_else(|e| panic!("the token verifies: {e}"))
             .claims;
         assert_eq!(claims["jti"], receipt["call_id"], "{claims}");
-        assert_eq!(
-            seen["x-request-id"].to_str().unwrap(),
-            receipt["call_id"].as_str().unwrap()
-        );
+        assert_eq!(seen["x-request-id"].to_str().unwrap(), call_id);
         assert_eq!(claims["tool"], "add");
         assert_eq!(claims["price_micros"], receipt["price_micros"]);
         assert_eq!(claims["iss"], market.app.config.public_url.as_str());
