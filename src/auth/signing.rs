@@ -28,7 +28,7 @@ pub enum SigningError {
     /// The signature does not verify.
     #[error("signature does not verify")]
     BadSignature,
-    /// Encoding a JWT's header or claims failed.
+    /// Serializing a JWT's claims failed.
     #[error("could not sign token: {0}")]
     Jwt(#[from] serde_json::Error),
     /// The database failed.
@@ -68,6 +68,9 @@ pub struct UpstreamClaims {
 pub struct Signer {
     kid: String,
     key: SigningKey,
+    /// The upstream tokens' JOSE header, base64url-encoded and followed by `.`: the
+    /// same for every token of this key, so encoded once here.
+    token_header: String,
     public: BTreeMap<String, VerifyingKey>,
     pseudonym_salt: [u8; 32],
 }
@@ -147,9 +150,13 @@ impl Signer {
             }
         }
         let (kid, key) = active.ok_or(SigningError::MalformedKey)?;
+        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": kid});
+        let mut token_header = URL_SAFE_NO_PAD.encode(header.to_string());
+        token_header.push('.');
         Ok(Self {
             kid,
             key,
+            token_header,
             public,
             pseudonym_salt: decode_32(&salt)?,
         })
@@ -220,9 +227,7 @@ impl Signer {
     /// # Errors
     /// [`SigningError::Jwt`] when the claims cannot be serialized.
     pub fn upstream_token(&self, claims: &UpstreamClaims) -> Result<String, SigningError> {
-        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": self.kid});
-        let mut token = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
-        token.push('.');
+        let mut token = self.token_header.clone();
         URL_SAFE_NO_PAD.encode_string(serde_json::to_vec(claims)?, &mut token);
         let signature = self.sign(token.as_bytes());
         token.push('.');
