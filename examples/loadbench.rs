@@ -19,7 +19,15 @@
 //! - `c paid`: through `/mcp` on the paid tool (full metering: reserve, settle 70/30,
 //!   signed receipt).
 //!
-//! It prints requests/s and p50/p90/p99 latency per mode, and the ratios b/a and c/a.
+//! It prints, per mode, requests/s, p50/p90/p99 latency, the process's CPU time per
+//! call (user + system of all its threads: client, marketplace and upstream, from
+//! `/proc/self/stat`; not the PostgreSQL server's, a process of its own) and its context
+//! switches per call (voluntary and involuntary, summed over `/proc/self/task/*/status`:
+//! each is a thread that went to sleep or was preempted), and the ratios b/a and c/a.
+//! Linux only. CPU per call is steadier than requests/s from run to run; c − a is what
+//! the marketplace itself spends on a paid call, and on two cores no more than
+//! 2 s / (c's CPU per call) calls a second can be reached, whatever the waits.
+//!
 //! Every response must be a successful tool result (any other answer aborts the run),
 //! and afterwards `ledger verify` must hold and the paid calls must equal the settled
 //! ones. The client runs on the same two cores as the servers, in every mode alike.
@@ -262,6 +270,10 @@ impl Mode {
 struct Measured {
     calls: u64,
     elapsed: Duration,
+    /// Process CPU time (user + system) while the mode ran.
+    cpu: Duration,
+    /// Context switches of the process's threads while the mode ran.
+    switches: u64,
     latency_us: Histogram<u64>,
 }
 
@@ -270,6 +282,8 @@ impl Measured {
         Ok(Self {
             calls: 0,
             elapsed: Duration::ZERO,
+            cpu: Duration::ZERO,
+            switches: 0,
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         })
     }
@@ -281,6 +295,67 @@ impl Measured {
     fn ms(&self, q: f64) -> f64 {
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
     }
+
+    /// CPU time per call, µs.
+    fn cpu_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / (self.calls.max(1) as f64)
+    }
+
+    /// Context switches per call.
+    fn switches_per_call(&self) -> f64 {
+        self.switches as f64 / (self.calls.max(1) as f64)
+    }
+}
+
+/// Context switches of this process's threads so far (proc(5): the sum of
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` over
+/// `/proc/self/task/*/status`; a thread that ended no longer counts, so take the
+/// difference over a span in which the threads live on: tokio's workers and sqlx's).
+fn context_switches() -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").context("read /proc/self/task")? {
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n
+                    .trim()
+                    .parse::<u64>()
+                    .context("a switch count is not a number")?;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Clock ticks per second of `/proc/PID/stat`'s times (`USER_HZ`, fixed at 100 by the
+/// Linux ABI whatever the kernel's own tick rate; proc(5)).
+const USER_HZ: u64 = 100;
+
+/// CPU time this process used so far, all threads, user + system (proc(5)
+/// `/proc/self/stat` fields 14 and 15, in `USER_HZ` ticks).
+fn process_cpu() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("read /proc/self/stat")?;
+    // Field 2 (the command name) may hold spaces; the rest follows its closing ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("no ')' in /proc/self/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i - 3)
+            .context("/proc/self/stat is too short")?
+            .parse::<u64>()
+            .context("a time in /proc/self/stat is not a number")
+    };
+    let ticks = ticks(14)? + ticks(15)?;
+    Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
 }
 
 /// Runs `sessions` concurrently for `length`, each calling `tool` back to back.
@@ -292,6 +367,8 @@ async fn drive(
 ) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let cpu_before = process_cpu()?;
+    let switches_before = context_switches()?;
     let mut tasks = Vec::new();
     for mut session in sessions.drain(..) {
         let stop = stop.clone();
@@ -320,6 +397,8 @@ async fn drive(
     }
     if let Some(m) = measured {
         m.elapsed += started.elapsed();
+        m.cpu += process_cpu()?.saturating_sub(cpu_before);
+        m.switches += context_switches()?.saturating_sub(switches_before);
     }
     Ok(())
 }
@@ -437,26 +516,29 @@ fn tool_of(mode: Mode) -> &'static str {
 fn print_table(label: &str, connections: usize, r: &[Measured]) {
     println!("{label}, {connections} connection(s):");
     println!(
-        "  {:<26} {:>10} {:>9} {:>9} {:>9}",
-        "mode", "req/s", "p50 ms", "p90 ms", "p99 ms"
+        "  {:<26} {:>10} {:>9} {:>9} {:>9} {:>12} {:>14}",
+        "mode", "req/s", "p50 ms", "p90 ms", "p99 ms", "CPU µs/call", "switches/call"
     );
     for (mode, m) in Mode::ALL.iter().zip(r) {
         println!(
-            "  {:<26} {:>10.0} {:>9.3} {:>9.3} {:>9.3}",
+            "  {:<26} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>12.0} {:>14.1}",
             mode.label(),
             m.rps(),
             m.ms(0.5),
             m.ms(0.9),
-            m.ms(0.99)
+            m.ms(0.99),
+            m.cpu_us(),
+            m.switches_per_call()
         );
     }
     let a = &r[0];
     for (name, m) in [("b/a", &r[1]), ("c/a", &r[2])] {
         println!(
-            "  {name}: {:.2}x req/s, {:+.3} ms p50, {:+.3} ms p99",
+            "  {name}: {:.2}x req/s, {:+.3} ms p50, {:+.3} ms p99, {:+.0} µs CPU per call",
             m.rps() / a.rps().max(1e-9),
             m.ms(0.5) - a.ms(0.5),
-            m.ms(0.99) - a.ms(0.99)
+            m.ms(0.99) - a.ms(0.99),
+            m.cpu_us() - a.cpu_us()
         );
     }
 }
