@@ -902,7 +902,8 @@ async fn the_billing_migration_keeps_existing_data() {
 
 /// Reservations and refunds commit without waiting for their flush (docs/ledger.md
 /// "Durability"); what comes after them is durable again: SQLite's one connection is
-/// back in `synchronous = FULL` (2) after every such batch, and PostgreSQL's
+/// back in `synchronous = FULL` (2) after every such batch (a refused one included),
+/// and PostgreSQL's
 /// `synchronous_commit` stays `on` outside the ledger's own transactions.
 #[tokio::test]
 async fn relaxed_reservations_leave_every_later_commit_durable() {
@@ -939,6 +940,12 @@ async fn relaxed_reservations_leave_every_later_commit_durable() {
             }
         };
         assert!(durable(&b).await, "{backend:?} after a reservation");
+        // A batch whose every operation is refused writes nothing but still commits.
+        assert!(matches!(
+            b.reserve(&user, &units, "convert", 2_000_000).await,
+            Err(BillingError::InsufficientCredits { .. })
+        ));
+        assert!(durable(&b).await, "{backend:?} after a refused reservation");
         b.end(&reserved, End::Refund).await;
         assert!(durable(&b).await, "{backend:?} after a refund");
         // Concurrent reservations and refunds (batched together on SQLite).

@@ -229,7 +229,8 @@ impl SyncMode {
         Ok(())
     }
 
-    /// Puts the connection back in `FULL` mode before it returns to the pool.
+    /// Puts the connection back in `FULL` mode before it returns to the pool, unless it
+    /// is already (a relaxed set-wise batch does it in its `COMMIT`'s round trip).
     async fn restore(mut self) {
         if self.relaxed
             && sqlx::raw_sql("PRAGMA synchronous = FULL")
@@ -331,6 +332,10 @@ async fn run_set_wise(
     // connection is relaxed all the same.
     mode.relaxed |= relax && mode.backend == Backend::Sqlite;
     let outcome = bulk::run(&mut mode.conn, mode.backend, jobs, relax).await;
+    if outcome.is_ok() {
+        // Its `COMMIT`'s round trip put the connection back in `FULL` mode.
+        mode.relaxed = false;
+    }
     if outcome.is_err()
         && sqlx::raw_sql("ROLLBACK")
             .execute(&mut *mode.conn)

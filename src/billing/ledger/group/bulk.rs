@@ -6,9 +6,9 @@
 //! Run one operation after the other, a paid call costs about a dozen statements, and
 //! on SQLite each statement is a round trip to sqlx's worker thread for the connection
 //! (a thread wake-up each way). A batch of 32 calls took some 400 round trips; set-wise
-//! it takes five whatever its size: `BEGIN IMMEDIATE`, one multi-statement read, one
-//! multi-statement write, `COMMIT`, and (after a relaxed batch) the `PRAGMA` that puts
-//! the connection back in `FULL` mode.
+//! it takes two whatever its size: `BEGIN IMMEDIATE` with one multi-statement read, and
+//! one multi-statement write with `COMMIT` (and, after a relaxed batch, the `PRAGMA`
+//! that puts the connection back in `FULL` mode).
 //!
 //! # Why it decides exactly as the statements one by one would
 //! `BEGIN IMMEDIATE` takes SQLite's write lock before the read, and the store has one
@@ -277,6 +277,11 @@ INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
 /// [`write_sql!`] and the batch's `COMMIT`, in one round trip: if any statement fails,
 /// the ones after it (the `COMMIT` among them) do not run.
 const WRITE_AND_COMMIT: &str = concat!(write_sql!(), "; COMMIT");
+/// [`WRITE_AND_COMMIT`] of a relaxed batch: then the connection goes back to
+/// `synchronous = FULL` in the same round trip (it runs only when the `COMMIT` did).
+const RELAXED_WRITE_AND_COMMIT: &str = concat!(write_sql!(), "; COMMIT; PRAGMA synchronous = FULL");
+/// The `COMMIT` of a batch that writes nothing, relaxed: as [`RELAXED_WRITE_AND_COMMIT`].
+const RELAXED_COMMIT: &str = "COMMIT; PRAGMA synchronous = FULL";
 
 /// A call row as the batch found it (and as its earlier operations left it).
 struct CallRow {
@@ -341,6 +346,8 @@ struct Writes {
 ///
 /// Round trips: SQLite two (`BEGIN IMMEDIATE` with the read; the writes with `COMMIT`);
 /// PostgreSQL four (`BEGIN` with [`pg_batch_lock!`]; the read; the write; `COMMIT`).
+/// A relaxed SQLite batch that returns `Ok` has put its connection back in `FULL` mode
+/// already (in the round trip of its `COMMIT`); one that fails may have left it relaxed.
 ///
 /// # Errors
 /// [`Fallback`] when a statement fails or the batch holds something the in-memory
@@ -375,7 +382,7 @@ pub(super) async fn run(
         };
         results.push(result);
     }
-    write(conn, backend, &state, writes).await?;
+    write(conn, backend, &state, writes, relax).await?;
     // Owners are immutable facts: keep the ones read for the next batches.
     if let Some(job) = jobs.first() {
         for (server, owner) in state.owners {
@@ -719,16 +726,24 @@ fn transfer(
 }
 
 /// Writes the batch's rows and commits (only the `COMMIT` when every operation was
-/// refused): one round trip on SQLite, two on PostgreSQL.
+/// refused): one round trip on SQLite, two on PostgreSQL. On SQLite, when `relax`, the
+/// same round trip ends with `PRAGMA synchronous = FULL` (run only if the `COMMIT` ran).
 async fn write(
     conn: &mut AnyConnection,
     backend: Backend,
     state: &State,
     writes: Writes,
+    relax: bool,
 ) -> Result<(), Fallback> {
+    let sqlite_relaxed = relax && backend == Backend::Sqlite;
     if writes.transfers.is_empty() {
         // Every write comes with a transfer: nothing was decided that writes.
-        sqlx::raw_sql("COMMIT").execute(conn).await?;
+        let commit = if sqlite_relaxed {
+            RELAXED_COMMIT
+        } else {
+            "COMMIT"
+        };
+        sqlx::raw_sql(commit).execute(conn).await?;
         return Ok(());
     }
     let usage: Vec<Value> = writes
@@ -756,6 +771,7 @@ async fn write(
         .map(|(account, (delta, alerted))| json!([account, delta, alerted]))
         .collect();
     let sql = match backend {
+        Backend::Sqlite if relax => RELAXED_WRITE_AND_COMMIT,
         Backend::Sqlite => WRITE_AND_COMMIT,
         Backend::Postgres => PG_WRITE,
     };
