@@ -582,18 +582,14 @@ impl Catalog {
         self.hydrate(row).await
     }
 
-    /// The id of the server with `slug`, if there is one (one indexed read: the rate
-    /// limiter's lookup).
+    /// The id of the server with `slug` (any status), if there is one: the rate
+    /// limiter's lookup on every `tools/call`, answered from the catalog snapshot (no
+    /// query while the catalog is unchanged; see [`Catalog::snapshot`]).
     ///
     /// # Errors
-    /// [`CatalogError::Store`].
+    /// [`CatalogError::Store`] when the snapshot had to be rebuilt and could not be.
     pub async fn id_of(&self, slug: &str) -> Result<Option<String>, CatalogError> {
-        Ok(sqlx::query("SELECT id FROM servers WHERE slug = $1")
-            .bind(slug)
-            .fetch_optional(self.store.pool())
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?)
+        Ok(self.cached(slug).await?.map(|s| s.id.clone()))
     }
 
     /// Replaces the per-server `X-MCP-Marketplace-Secret` of `slug` with a fresh one and
