@@ -137,6 +137,9 @@ pub struct App {
     /// Effective trust policies by (server id or "", account id, key id), with the auth
     /// generation and the time (epoch ms) they were built at.
     policy_cache: DashMap<(String, String, String), (u64, i64, Effective)>,
+    /// Held while a policy is rebuilt, so that the calls in flight when a cached policy
+    /// expires wait for one rebuild instead of each querying the store.
+    policy_rebuild: tokio::sync::Mutex<()>,
     /// Fixed upstream headers (secret and decrypted credentials) by server id, with the
     /// catalog and auth generations they were built at.
     header_cache: DashMap<String, (u64, u64, http::HeaderMap)>,
@@ -220,6 +223,7 @@ impl App {
             call_health: crate::upstream::health::CallHealth::default(),
             keys: crate::auth::keys::KeyCache::default(),
             policy_cache: DashMap::new(),
+            policy_rebuild: tokio::sync::Mutex::new(()),
             header_cache: DashMap::new(),
             // Billing plans set per-account rate limits (replaceable by embedders/tests).
             account_limits: std::sync::RwLock::new(Some(Arc::new(crate::billing::PlanLimits(
@@ -467,7 +471,10 @@ impl App {
     /// The trust policy of one call by `key` (to `server_id` for an upstream tool):
     /// the configured defaults, the database's overrides and the account limit source,
     /// per `security::policy`. Served from memory while the auth generation is the one
-    /// it was built at and for at most one second (see [`crate::store::versions`]).
+    /// it was built at and for at most one second (see [`crate::store::versions`]);
+    /// when it is stale, one call rebuilds it (two store reads) while the others wait
+    /// for that rebuild (at 32 calls in flight, each expiry cost 64 reads of the one
+    /// SQLite connection before).
     ///
     /// # Errors
     /// [`AppError::Policy`].
@@ -476,18 +483,28 @@ impl App {
         server_id: Option<&str>,
         key: &KeyContext,
     ) -> Result<Effective, AppError> {
-        let generation = self.versions.generation(Domain::Auth);
-        let now = now_ms();
         let cache_key = (
             server_id.unwrap_or("").to_owned(),
             key.account_id.clone(),
             key.key_id.clone(),
         );
-        if let Some(entry) = self.policy_cache.get(&cache_key) {
-            let (at, built_ms, policy) = entry.value();
-            if *at == generation && now - built_ms < POLICY_CACHE_MS {
-                return Ok(policy.clone());
-            }
+        let cached = |generation: u64, now: i64| {
+            self.policy_cache.get(&cache_key).and_then(|entry| {
+                let (at, built_ms, policy) = entry.value();
+                (*at == generation && now - built_ms < POLICY_CACHE_MS).then(|| policy.clone())
+            })
+        };
+        if let Some(policy) = cached(self.versions.generation(Domain::Auth), now_ms()) {
+            return Ok(policy);
+        }
+        let _rebuild = self.policy_rebuild.lock().await;
+        // Read before loading: a write committed during the load moves the generation
+        // past it, and the next call rebuilds.
+        let generation = self.versions.generation(Domain::Auth);
+        let now = now_ms();
+        if let Some(policy) = cached(generation, now) {
+            // Rebuilt by the call this one waited for.
+            return Ok(policy);
         }
         let subjects = self
             .policies
