@@ -143,7 +143,8 @@ struct SessionInfo {
 #[derive(Debug)]
 pub struct UpstreamSession {
     http: reqwest::Client,
-    url: String,
+    /// The endpoint, parsed once (reqwest would parse a string on every request).
+    url: reqwest::Url,
     /// Sent on every request: the per-server secret and the creator's credentials.
     fixed: HeaderMap,
     state: tokio::sync::Mutex<Option<SessionInfo>>,
@@ -231,13 +232,13 @@ impl Drop for Subscription {
 pub type OnMessage<'a> = &'a (dyn Fn(Value) + Send + Sync);
 
 impl UpstreamSession {
-    /// A session (not yet initialized) with `url`, sending the `fixed` headers
+    /// A session (not yet initialized) with the endpoint `url`, sending the `fixed` headers
     /// (`X-MCP-Marketplace-Secret` and credentials, see
     /// `security::credentials::upstream_headers`) on every request and capping response
     /// bodies at `max_response_bytes`.
     pub fn new(
         http: reqwest::Client,
-        url: String,
+        url: reqwest::Url,
         fixed: HeaderMap,
         max_response_bytes: usize,
     ) -> Self {
@@ -445,7 +446,7 @@ impl UpstreamSession {
         }
         let mut req = self
             .http
-            .post(&self.url)
+            .post(self.url.clone())
             .header(http::header::ACCEPT, "application/json, text/event-stream")
             .header(http::header::CONTENT_TYPE, "application/json")
             .headers(fixed)
@@ -495,7 +496,7 @@ impl UpstreamSession {
         {
             let _ = self
                 .http
-                .delete(&self.url)
+                .delete(self.url.clone())
                 .header("mcp-session-id", id)
                 .header("mcp-protocol-version", protocol_version)
                 .headers(self.fixed.clone())
@@ -570,7 +571,7 @@ impl UpstreamSession {
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut req = self
             .http
-            .post(&self.url)
+            .post(self.url.clone())
             .header(http::header::ACCEPT, "application/json, text/event-stream")
             .header(http::header::CONTENT_TYPE, "application/json")
             .headers(self.fixed.clone())
@@ -701,7 +702,7 @@ impl UpstreamSession {
         let info = self.session(false).await?;
         let mut req = self
             .http
-            .get(&self.url)
+            .get(self.url.clone())
             .header(http::header::ACCEPT, "text/event-stream")
             .headers(self.fixed.clone())
             .header("mcp-protocol-version", &info.protocol_version);
@@ -738,7 +739,7 @@ impl UpstreamSession {
 /// subscribed to it.
 struct StandaloneStream {
     http: reqwest::Client,
-    url: String,
+    url: reqwest::Url,
     fixed: HeaderMap,
     info: SessionInfo,
     resume_from: Option<String>,
@@ -753,7 +754,7 @@ impl StandaloneStream {
     async fn run(self, opened: tokio::sync::oneshot::Sender<()>) {
         let mut req = self
             .http
-            .get(&self.url)
+            .get(self.url.clone())
             .header(http::header::ACCEPT, "text/event-stream")
             .headers(self.fixed.clone())
             .header("mcp-protocol-version", &self.info.protocol_version);

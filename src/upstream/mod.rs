@@ -113,9 +113,14 @@ impl Upstreams {
             tracing::warn!(server = %server.slug, error = %e, "refused to connect to an endpoint the policy no longer allows");
             return None;
         }
+        let Ok(url) = reqwest::Url::parse(url) else {
+            // The policy parsed it already; registration validated it.
+            tracing::warn!(server = %server.slug, "an endpoint is not a URL");
+            return None;
+        };
         Some(UpstreamSession::new(
             self.http.clone(),
-            url.clone(),
+            url,
             fixed.clone(),
             self.max_response_bytes,
         ))
