@@ -152,7 +152,8 @@ async fn start_marketplace(database: &str, upstream: &str) -> Result<Marketplace
 /// One MCP session over one keep-alive HTTP/1.1 connection.
 struct Session {
     http: reqwest::Client,
-    url: String,
+    /// Parsed once: reqwest parses a string URL on every request.
+    url: reqwest::Url,
     headers: reqwest::header::HeaderMap,
     next_id: u64,
 }
@@ -199,7 +200,7 @@ impl Session {
         let _ = r.bytes().await?;
         Ok(Self {
             http,
-            url: url.to_owned(),
+            url: reqwest::Url::parse(url)?,
             headers,
             next_id: 1,
         })
@@ -213,7 +214,7 @@ impl Session {
                           "params": {"name": tool, "arguments": {"message": "hello"}}});
         let r = self
             .http
-            .post(&self.url)
+            .post(self.url.clone())
             .headers(self.headers.clone())
             .body(body.to_string())
             .send()
