@@ -185,7 +185,7 @@ async fn call_upstream(
         server.price_of(&tool.name)
     };
     // Bytes in, for the usage log (the arguments as JSON).
-    let request_bytes = serde_json::to_vec(&args).map_or(0, |v| v.len() as i64);
+    let request_bytes = json_len(&args);
     let reservation = Reservation {
         call_id: call_id.clone(),
         account_id: key.account_id.clone(),
@@ -329,7 +329,7 @@ async fn call_upstream(
     // Bytes out, for the usage log (the result as JSON, before the receipt).
     let stats = CallStats {
         latency_ms,
-        response_bytes: serde_json::to_vec(&result).map_or(0, |v| v.len() as i64),
+        response_bytes: json_len(&result),
     };
     let (outcome, balance_after) = match failure {
         None => match app.ledger.settle(&call_id, stats).await {
@@ -387,6 +387,26 @@ async fn call_upstream(
         serde_json::to_value(&receipt).map_err(internal)?,
     );
     Ok(result)
+}
+
+/// The length in bytes of `value` serialized as JSON (0 if it cannot be), counted as
+/// it is written rather than by building the text: a result may be megabytes.
+fn json_len(value: &impl serde::Serialize) -> i64 {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => i64::try_from(count.0).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
 }
 
 async fn wallet(app: &App, account_id: &str) -> Result<i64, ErrorData> {
@@ -616,5 +636,25 @@ async fn relay(
             }
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_len_is_the_length_of_the_json_text() {
+        let values = [
+            json!({}),
+            json!({"message": "héllo \"world\"\n", "n": [1, 2.5, -3], "nested": {"ok": true, "none": null}}),
+            json!("x".repeat(100_000)),
+        ];
+        for value in values {
+            assert_eq!(
+                json_len(&value),
+                serde_json::to_vec(&value).unwrap().len() as i64
+            );
+        }
     }
 }
