@@ -109,14 +109,12 @@ impl Upstreams {
         fixed: &HeaderMap,
     ) -> Option<UpstreamSession> {
         let url = server.endpoints.get(position)?;
-        if let Err(e) = self.policy.check(url) {
-            tracing::warn!(server = %server.slug, error = %e, "refused to connect to an endpoint the policy no longer allows");
-            return None;
-        }
-        let Ok(url) = reqwest::Url::parse(url) else {
-            // The policy parsed it already; registration validated it.
-            tracing::warn!(server = %server.slug, "an endpoint is not a URL");
-            return None;
+        let url = match self.policy.check(url) {
+            Ok(url) => url,
+            Err(e) => {
+                tracing::warn!(server = %server.slug, error = %e, "refused to connect to an endpoint the policy no longer allows");
+                return None;
+            }
         };
         Some(UpstreamSession::new(
             self.http.clone(),
