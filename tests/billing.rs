@@ -906,24 +906,14 @@ async fn the_billing_migration_keeps_existing_data() {
 async fn commits_durably(b: &Books, backend: Backend) -> bool {
     let pool = b.store.pool();
     match backend {
-        Backend::Sqlite => {
-            let mode: i64 = sqlx::query("PRAGMA synchronous")
-                .fetch_one(pool)
-                .await
-                .unwrap()
-                .try_get(0)
-                .unwrap();
-            mode == 2
-        }
-        Backend::Postgres => {
-            let mode: String = sqlx::query("SHOW synchronous_commit")
-                .fetch_one(pool)
-                .await
-                .unwrap()
-                .try_get(0)
-                .unwrap();
-            mode == "on"
-        }
+        Backend::Sqlite => sqlx::query_scalar::<_, i64>("PRAGMA synchronous")
+            .fetch_one(pool)
+            .await
+            .is_ok_and(|mode| mode == 2),
+        Backend::Postgres => sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+            .fetch_one(pool)
+            .await
+            .is_ok_and(|mode| mode == "on"),
     }
 }
 
