@@ -735,13 +735,11 @@ async fn write(
     writes: Writes,
     relax: bool,
 ) -> Result<(), Fallback> {
-    let sqlite_relaxed = relax && backend == Backend::Sqlite;
     if writes.transfers.is_empty() {
         // Every write comes with a transfer: nothing was decided that writes.
-        let commit = if sqlite_relaxed {
-            RELAXED_COMMIT
-        } else {
-            "COMMIT"
+        let commit = match backend {
+            Backend::Sqlite if relax => RELAXED_COMMIT,
+            _ => "COMMIT",
         };
         sqlx::raw_sql(commit).execute(conn).await?;
         return Ok(());
