@@ -10,7 +10,7 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`alerts`] | the transactional alert outbox and its delivery (signed webhooks, SMTP, retries): server status changes, tool changes, incidents, low balances, weekly digests |
-//! | [`gateway`] | the downstream MCP server: `/mcp` and `/servers/{slug}/mcp`, tool listing, the call path ([`gateway::call`]) |
+//! | [`gateway`] | the downstream MCP server: `/mcp` and `/servers/{slug}/mcp`, their sessions ([`gateway::session`]), tool listing, the call path ([`gateway::call`]) |
 //! | [`upstream`] | upstream MCP sessions per (account, server, endpoint), forwarding with failover and safe retries, tool-list fetches; health probes, the status machine, circuit breakers |
 //! | [`billing`] | prices in micros, the two-phase ledger, plans and quotas, the usage log, invoices, payouts, Stripe top-ups, low-balance alerts, signed receipts |
 //! | [`auth`] | accounts, API keys and scopes, the Ed25519 signing key and upstream tokens |

@@ -8,12 +8,14 @@
 //! every HTTP request (so a revoked key stops working on its open sessions at once) and
 //! hands the [`Caller`] to the handler through the request's extensions, then checks
 //! the rate limits of any `tools/call` in the body ([`limits`]). A session is bound to
-//! the account and endpoint that initialized it. [`call`] is the call path.
+//! the account and endpoint that initialized it. [`session`] holds the sessions (our
+//! own manager, not rmcp's); [`call`] is the call path.
 
 pub mod call;
 pub mod handler;
 pub mod limits;
 pub mod notify;
+pub mod session;
 pub mod tools;
 
 use std::sync::Arc;
@@ -23,7 +25,6 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 
 use crate::app::App;
@@ -41,21 +42,6 @@ pub struct Caller {
     pub slug: Option<String>,
 }
 
-/// The MCP session manager of one endpoint: rmcp's in-memory sessions, except that a
-/// request's answer is not kept after it was delivered. rmcp keeps every completed
-/// request's messages (a `tools/list` answer included) for a late `Last-Event-ID`
-/// resume by default, for 60 s and, as it evicts them only when the session sees its
-/// next message, for as long as the session stays idle: about 60 KiB per idle session
-/// with a small catalog, megabytes with a large one (issue 7: ≤ 64 MiB with 1,000
-/// sessions). Requests still in progress remain resumable.
-fn sessions() -> Arc<LocalSessionManager> {
-    let mut manager = LocalSessionManager::default();
-    let mut config = SessionConfig::default();
-    config.completed_cache_ttl = std::time::Duration::ZERO;
-    manager.session_config = config;
-    Arc::new(manager)
-}
-
 /// Builds the whole HTTP router: MCP endpoints, REST API, health and JWKS.
 pub fn router(app: Arc<App>) -> Router {
     let hosts = allowed_hosts(&app);
@@ -67,7 +53,7 @@ pub fn router(app: Arc<App>) -> Router {
         let app = app.clone();
         StreamableHttpService::new(
             move || Ok(GatewayHandler::new(app.clone())),
-            sessions(),
+            Arc::new(session::Sessions::default()),
             config.clone(),
         )
     };
@@ -75,7 +61,7 @@ pub fn router(app: Arc<App>) -> Router {
         let app = app.clone();
         StreamableHttpService::new(
             move || Ok(GatewayHandler::new(app.clone())),
-            sessions(),
+            Arc::new(session::Sessions::default()),
             config,
         )
     };
