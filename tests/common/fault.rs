@@ -86,8 +86,9 @@ impl FaultState {
     }
 }
 
+/// The fault server's MCP handler, servable by tests over other session managers.
 #[derive(Clone)]
-struct Faulty(Arc<FaultState>);
+pub struct Faulty(pub Arc<FaultState>);
 
 fn tool(name: &str, description: &str, props: serde_json::Value) -> Tool {
     serde_json::from_value(json!({
