@@ -1,7 +1,8 @@
 //! The marketplace's MCP sessions (`gateway::session`) over real HTTP, as a client
 //! sees them: a call whose stream broke is resumed with `Last-Event-ID` and charged
 //! once; a request id reused while its request is in progress is refused and changes
-//! nothing; `DELETE` ends a session; an idle session ends, one with a request in
+//! nothing; a notification sent while the `GET` stream was broken is replayed when it
+//! is resumed; `DELETE` ends a session; an idle session ends, one with a request in
 //! progress does not.
 
 mod common;
@@ -139,6 +140,60 @@ async fn a_call_whose_stream_broke_is_resumed_with_last_event_id_and_charged_onc
         market.stop().await;
         fault.stop().await;
     }
+}
+
+/// Reads `response`'s SSE stream until `want` appears (at most 10 s); everything read.
+async fn read_until(response: &mut reqwest::Response, want: &str) -> String {
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains(want) {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no {want:?} within 10 s: {seen:?}"))
+            .expect("the stream reads")
+            .unwrap_or_else(|| panic!("the stream ended without {want:?}: {seen:?}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_notification_sent_while_the_get_stream_was_broken_is_replayed_on_resume() {
+    let (market, fault, user, key) = common::faulty_world(common::Backend::Sqlite).await;
+    let session = RawSession::open(&market.mcp_url(), &key).await;
+    let get = || request(&session, reqwest::Method::GET).header("accept", "text/event-stream");
+
+    // The session's GET stream: its first event (the priming one) read, then broken.
+    let mut stream = get().send().await.expect("the marketplace answers");
+    assert_eq!(stream.status(), 200);
+    let first = read_until(&mut stream, "\n\n").await;
+    let last_id = first
+        .lines()
+        .find_map(|l| l.strip_prefix("id:"))
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_else(|| panic!("the first event has an id: {first:?}"));
+    drop(stream);
+
+    // The tool list changes while no GET stream is open.
+    assert!(
+        market
+            .app
+            .uninstall(&user.id, "faulty")
+            .await
+            .expect("uninstalls")
+    );
+
+    // Resumed from the last event the client read: the notification arrives.
+    let mut resumed = get()
+        .header("last-event-id", last_id)
+        .send()
+        .await
+        .expect("the marketplace answers");
+    assert_eq!(resumed.status(), 200);
+    read_until(&mut resumed, "notifications/tools/list_changed").await;
+    drop(resumed);
+    market.stop().await;
+    fault.stop().await;
 }
 
 #[tokio::test]
