@@ -30,6 +30,13 @@
 //! the events after `n` that are still held (the last [`HELD_EVENTS`] of each). A request
 //! that has completed cannot be resumed: its answer was delivered, or its client left.
 //!
+//! One standalone stream gets the session's messages ("Multiple Connections"). A `GET`
+//! while that one's reader is still there gets a stream that stands by (kept open,
+//! idle), so that two `EventSource` connections of one client do not keep replacing
+//! each other (as rmcp's manager does); it takes over as soon as the first one's reader
+//! has left, with the held events it has not had (a broken stream is often noticed only
+//! after its client has resumed).
+//!
 //! A session ends on `DELETE`, when its service stops, or after [`SESSION_IDLE`] without
 //! a message from its client while none of its requests is in progress.
 
@@ -70,6 +77,10 @@ pub const HELD_EVENTS: usize = 16;
 /// Client messages waiting for the session's service: 16 (the HTTP handler waits for
 /// room beyond that).
 const INBOUND_MESSAGES: usize = 16;
+
+/// `GET` streams of one session standing by while its standalone stream is read: at
+/// most 32 (as rmcp's manager); a newer one lets the oldest go.
+const STANDING_BY: usize = 32;
 
 /// Server messages waiting for a slow reader of the standalone `GET` stream: 16; later
 /// ones are dropped for that reader (a resume from the last event it read replays the
@@ -174,7 +185,62 @@ struct RequestStream {
 #[derive(Debug, Default)]
 struct Standalone {
     tx: Option<mpsc::Sender<ServerSseMessage>>,
+    /// Later `GET` streams, newest last, opened while `tx`'s reader was still there,
+    /// each with the number of the last event its reader had.
+    standing_by: Vec<(mpsc::Sender<ServerSseMessage>, u64)>,
     events: HeldEvents,
+}
+
+impl Standalone {
+    /// Attaches a `GET` stream whose reader had the events up to `after` (`None`: a new
+    /// reader): the one that gets the session's messages when the current one's reader
+    /// has left, with the held events after `after`; else one that stands by, and then
+    /// also the current stream's sender, whose closing the caller watches
+    /// ([`Session::attach_standalone`]). Events are numbered from 1: rmcp's HTTP service
+    /// sends a priming event named `0` first.
+    fn attach(
+        &mut self,
+        after: Option<u64>,
+    ) -> (
+        mpsc::Receiver<ServerSseMessage>,
+        Option<mpsc::Sender<ServerSseMessage>>,
+    ) {
+        self.events.next = self.events.next.max(1);
+        self.standing_by.retain(|(tx, _)| !tx.is_closed());
+        let (tx, rx) = mpsc::channel(STANDALONE_MESSAGES.max(HELD_EVENTS));
+        match &self.tx {
+            Some(current) if !current.is_closed() => {
+                if self.standing_by.len() == STANDING_BY {
+                    self.standing_by.remove(0);
+                }
+                let had = after.unwrap_or(self.events.next - 1);
+                self.standing_by.push((tx, had));
+                (rx, Some(current.clone()))
+            }
+            _ => {
+                for event in after.into_iter().flat_map(|n| self.events.after(n)) {
+                    let _ = tx.try_send(event);
+                }
+                self.tx = Some(tx);
+                (rx, None)
+            }
+        }
+    }
+
+    /// When the current stream's reader has left, the newest stream standing by takes
+    /// over, with the held events its reader has not had (some may have reached the
+    /// reader that left: a message on this stream is delivered at least once).
+    fn take_over(&mut self) {
+        while self.tx.as_ref().is_some_and(mpsc::Sender::is_closed) {
+            let Some((next, had)) = self.standing_by.pop() else {
+                break;
+            };
+            for event in self.events.after(had) {
+                let _ = next.try_send(event);
+            }
+            self.tx = Some(next);
+        }
+    }
 }
 
 /// The next event number of a stream and its latest [`HELD_EVENTS`] events.
@@ -343,15 +409,21 @@ impl Routes {
                 }
             }
             Route::Standalone => {
-                let Some(tx) = &self.standalone.tx else {
+                if self.standalone.tx.is_none() {
                     tracing::trace!("no standalone stream; server message dropped");
                     return;
-                };
+                }
+                self.standalone.take_over();
                 let event = self
                     .standalone
                     .events
                     .record(None, ServerSseMessage::from_message(message));
-                if tx.try_send(event).is_err() {
+                let sent = self
+                    .standalone
+                    .tx
+                    .as_ref()
+                    .is_some_and(|tx| tx.try_send(event).is_ok());
+                if !sent {
                     tracing::debug!("standalone stream closed or full; server message held only");
                 }
             }
@@ -403,6 +475,23 @@ impl Session {
         Ok(rx)
     }
 
+    /// Attaches a `GET` stream ([`Standalone::attach`]); one that stands by takes over
+    /// as soon as the current stream's reader has left (watched by a task that ends
+    /// then, or when the session ends).
+    fn attach_standalone(self: &Arc<Self>, after: Option<u64>) -> mpsc::Receiver<ServerSseMessage> {
+        let (rx, current) = self.routes().standalone.attach(after);
+        if let Some(current) = current {
+            let session = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = current.closed() => session.routes().standalone.take_over(),
+                    () = session.closed.cancelled() => {}
+                }
+            });
+        }
+        rx
+    }
+
     /// Ends the session: its transport reports the end to the service, open streams end.
     fn close(&self) {
         self.closed.cancel();
@@ -411,6 +500,7 @@ impl Session {
         routes.by_request_id.clear();
         routes.by_progress_token.clear();
         routes.standalone.tx = None;
+        routes.standalone.standing_by.clear();
     }
 }
 
@@ -419,7 +509,7 @@ impl Session {
 enum EventStream {
     /// A request's stream; ends after the request's answer.
     Request(mpsc::UnboundedReceiver<ServerSseMessage>),
-    /// The standalone stream of `GET`; ends when another replaces it or the session ends.
+    /// A stream of `GET`; ends when the session ends.
     Standalone(mpsc::Receiver<ServerSseMessage>),
 }
 
@@ -578,15 +668,7 @@ impl SessionManager for Sessions {
         &self,
         id: &SessionId,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, SessionError> {
-        let session = self.session(id)?;
-        let (tx, rx) = mpsc::channel(STANDALONE_MESSAGES);
-        let mut routes = session.routes();
-        // Its events are numbered from 1: rmcp's HTTP service sends a priming event
-        // named `0` first.
-        routes.standalone.events.next = routes.standalone.events.next.max(1);
-        // A newer `GET` replaces the older one, whose stream ends (one stream gets each
-        // message: MCP 2025-06-18, "Multiple Connections").
-        routes.standalone.tx = Some(tx);
+        let rx = self.session(id)?.attach_standalone(None);
         Ok(EventStream::Standalone(rx))
     }
 
@@ -613,13 +695,8 @@ impl SessionManager for Sessions {
                 if n >= routes.standalone.events.next.max(1) {
                     return Err(unknown());
                 }
-                routes.standalone.events.next = routes.standalone.events.next.max(1);
-                let (tx, rx) = mpsc::channel(STANDALONE_MESSAGES.max(HELD_EVENTS));
-                for event in routes.standalone.events.after(n) {
-                    let _ = tx.try_send(event);
-                }
-                routes.standalone.tx = Some(tx);
-                Ok(EventStream::Standalone(rx))
+                drop(routes);
+                Ok(EventStream::Standalone(session.attach_standalone(Some(n))))
             }
         }
     }
@@ -735,6 +812,75 @@ mod tests {
         routes.deliver(answer(2));
         assert!(routes.requests.is_empty() && routes.by_request_id.is_empty());
         assert!(routes.by_progress_token.is_empty());
+    }
+
+    #[test]
+    fn a_second_get_stream_stands_by_until_the_first_ones_reader_leaves() {
+        let mut routes = Routes::default();
+        let list_changed = || {
+            server(
+                serde_json::json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}),
+            )
+        };
+        let id = |event: ServerSseMessage| event.event_id.expect("an event id");
+        let (mut first, watch) = routes.standalone.attach(None);
+        assert!(watch.is_none(), "the first stream takes the messages");
+        let (mut second, watch) = routes.standalone.attach(Some(0));
+        assert!(watch.is_some(), "the second stands by");
+        drop(watch);
+        routes.deliver(list_changed());
+        assert_eq!(id(first.try_recv().expect("the first stream gets it")), "1");
+        assert!(second.try_recv().is_err(), "one stream gets each message");
+
+        // The first reader leaves: the second takes over with what its reader has not
+        // had (event 1: its reader had up to 0), then gets what follows.
+        drop(first);
+        routes.deliver(list_changed());
+        assert_eq!(id(second.try_recv().expect("replayed")), "1");
+        assert_eq!(id(second.try_recv().expect("the next")), "2");
+
+        // A resume after every reader left replays what was missed.
+        drop(second);
+        routes.deliver(list_changed());
+        let (mut third, watch) = routes.standalone.attach(Some(2));
+        assert!(watch.is_none());
+        assert_eq!(id(third.try_recv().expect("the held event")), "3");
+        assert!(third.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stream_standing_by_takes_over_as_soon_as_the_reader_has_left() {
+        let (inbound, _rx) = mpsc::channel(INBOUND_MESSAGES);
+        let session = Arc::new(Session {
+            inbound,
+            closed: CancellationToken::new(),
+            routes: Mutex::new(Routes::default()),
+        });
+        let first = session.attach_standalone(None);
+        let mut second = session.attach_standalone(Some(0));
+        session.routes().deliver(server(serde_json::json!(
+            {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+        )));
+        // The first reader leaves after the message was sent to it: the second stream
+        // gets it without waiting for another message.
+        drop(first);
+        let event = tokio::time::timeout(Duration::from_secs(5), second.recv())
+            .await
+            .expect("taken over at once")
+            .expect("an event");
+        assert_eq!(event.event_id.as_deref(), Some("1"));
+
+        // When the session ends, the stream standing by ends too.
+        let third = session.attach_standalone(None);
+        let mut fourth = session.attach_standalone(None);
+        session.close();
+        drop(third);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), fourth.recv())
+                .await
+                .expect("ends")
+                .is_none()
+        );
     }
 
     #[test]
