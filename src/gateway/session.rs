@@ -7,11 +7,11 @@
 //! crosses that task: a request is handed to the worker and on to the service, its answer
 //! back to the worker and on to the HTTP stream. A tokio channel allocates a block of 32
 //! message slots when it is made (32 × 376 bytes for a server message), so an idle session
-//! held about 64 KiB of channel blocks (issue 7: ≤ 64 MiB with 1,000 open sessions), and
-//! a call paid two more thread hand-offs. [`Sessions`] has no task of its own: the HTTP
-//! handler puts a client's message straight into the service's inbound channel (8-byte
-//! slots: messages are boxed), and the service's transport, [`SessionTransport`], routes
-//! each server message straight to the SSE stream it belongs on, under a short lock.
+//! held about 64 KiB of channel blocks (issue 7: ≤ 64 MiB with 1,000 open sessions).
+//! [`Sessions`] has no task of its own: the HTTP handler puts a client's message straight
+//! into the service's inbound channel (8-byte slots: messages are boxed), and the
+//! service's transport, [`SessionTransport`], routes each server message straight to the
+//! SSE stream it belongs on, under a short lock.
 //!
 //! Where a server message goes (the spec's "Sending Messages to the Server" and
 //! "Listening for Messages from the Server"):
@@ -22,7 +22,8 @@
 //!   a cancellation to the stream of the request it cancels, a server request made while
 //!   handling a client request to that request's stream;
 //! - anything else (e.g. `notifications/tools/list_changed`) to the standalone stream of
-//!   the session's `GET`, or nowhere when none is open.
+//!   the session's `GET`; when its reader has left, it is held for a resume, and before
+//!   any `GET` it goes nowhere.
 //!
 //! Resumability ("Resumability and Redelivery"): every event has an id, `{n}/{stream}` on
 //! a request's stream and `{n}` on the standalone one. A `GET` with `Last-Event-ID`
@@ -33,9 +34,9 @@
 //! One standalone stream gets the session's messages ("Multiple Connections"). A `GET`
 //! while that one's reader is still there gets a stream that stands by (kept open,
 //! idle), so that two `EventSource` connections of one client do not keep replacing
-//! each other (as rmcp's manager does); it takes over as soon as the first one's reader
-//! has left, with the held events it has not had (a broken stream is often noticed only
-//! after its client has resumed).
+//! each other (rmcp's manager does the same); it takes over as soon as the first one's
+//! reader has left, with the held events it has not had (a broken stream is often
+//! noticed only after its client has resumed).
 //!
 //! A session ends on `DELETE`, when its service stops, or after [`SESSION_IDLE`] without
 //! a message from its client while none of its requests is in progress.
