@@ -189,16 +189,18 @@ struct Standalone {
     /// Later `GET` streams, newest last, opened while `tx`'s reader was still there,
     /// each with the number of the last event its reader had.
     standing_by: Vec<(mpsc::Sender<ServerSseMessage>, u64)>,
+    /// Whether a task watches for `tx`'s reader to leave (one per session at most).
+    watched: bool,
     events: HeldEvents,
 }
 
 impl Standalone {
     /// Attaches a `GET` stream whose reader had the events up to `after` (`None`: a new
     /// reader): the one that gets the session's messages when the current one's reader
-    /// has left, with the held events after `after`; else one that stands by, and then
-    /// also the current stream's sender, whose closing the caller watches
-    /// ([`Session::attach_standalone`]). Events are numbered from 1: rmcp's HTTP service
-    /// sends a priming event named `0` first.
+    /// has left, with the held events after `after`; else one that stands by, and then,
+    /// when no task watches the current stream yet, also the current stream's sender for
+    /// the caller to watch ([`Session::attach_standalone`]). Events are numbered from 1:
+    /// rmcp's HTTP service sends a priming event named `0` first.
     fn attach(
         &mut self,
         after: Option<u64>,
@@ -216,7 +218,9 @@ impl Standalone {
                 }
                 let had = after.unwrap_or(self.events.next - 1);
                 self.standing_by.push((tx, had));
-                (rx, Some(current.clone()))
+                let watch = (!self.watched).then(|| current.clone());
+                self.watched = true;
+                (rx, watch)
             }
             _ => {
                 for event in after.into_iter().flat_map(|n| self.events.after(n)) {
@@ -477,16 +481,31 @@ impl Session {
     }
 
     /// Attaches a `GET` stream ([`Standalone::attach`]); one that stands by takes over
-    /// as soon as the current stream's reader has left (watched by a task that ends
-    /// then, or when the session ends).
+    /// as soon as the current stream's reader has left. One task per session watches
+    /// for that, while any stream stands by, and ends with the session.
     fn attach_standalone(self: &Arc<Self>, after: Option<u64>) -> mpsc::Receiver<ServerSseMessage> {
-        let (rx, current) = self.routes().standalone.attach(after);
-        if let Some(current) = current {
+        let (rx, watch) = self.routes().standalone.attach(after);
+        if let Some(mut current) = watch {
             let session = Arc::clone(self);
             tokio::spawn(async move {
-                tokio::select! {
-                    () = current.closed() => session.routes().standalone.take_over(),
-                    () = session.closed.cancelled() => {}
+                loop {
+                    tokio::select! {
+                        () = current.closed() => {}
+                        () = session.closed.cancelled() => return,
+                    }
+                    let mut routes = session.routes();
+                    let standalone = &mut routes.standalone;
+                    standalone.take_over();
+                    standalone.standing_by.retain(|(tx, _)| !tx.is_closed());
+                    match &standalone.tx {
+                        Some(next) if !standalone.standing_by.is_empty() => {
+                            current = next.clone();
+                        }
+                        _ => {
+                            standalone.watched = false;
+                            return;
+                        }
+                    }
                 }
             });
         }
@@ -828,7 +847,10 @@ mod tests {
         assert!(watch.is_none(), "the first stream takes the messages");
         let (mut second, watch) = routes.standalone.attach(Some(0));
         assert!(watch.is_some(), "the second stands by");
-        drop(watch);
+        // A third stands by too, watched by the same task; its reader leaves at once.
+        let (third, another) = routes.standalone.attach(None);
+        assert!(another.is_none(), "one task watches the current stream");
+        drop((watch, third));
         routes.deliver(list_changed());
         assert_eq!(id(first.try_recv().expect("the first stream gets it")), "1");
         assert!(second.try_recv().is_err(), "one stream gets each message");
@@ -843,10 +865,19 @@ mod tests {
         // A resume after every reader left replays what was missed.
         drop(second);
         routes.deliver(list_changed());
-        let (mut third, watch) = routes.standalone.attach(Some(2));
+        let (mut fourth, watch) = routes.standalone.attach(Some(2));
         assert!(watch.is_none());
-        assert_eq!(id(third.try_recv().expect("the held event")), "3");
-        assert!(third.try_recv().is_err());
+        assert_eq!(id(fourth.try_recv().expect("the held event")), "3");
+        assert!(fourth.try_recv().is_err());
+    }
+
+    /// The id of `rx`'s next event, which must come within 5 s.
+    async fn next(rx: &mut mpsc::Receiver<ServerSseMessage>) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("taken over at once")
+            .expect("an event")
+            .event_id
     }
 
     #[tokio::test]
@@ -859,25 +890,27 @@ mod tests {
         });
         let first = session.attach_standalone(None);
         let mut second = session.attach_standalone(Some(0));
+        let mut third = session.attach_standalone(None);
         session.routes().deliver(server(serde_json::json!(
             {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
         )));
-        // The first reader leaves after the message was sent to it: the second stream
-        // gets it without waiting for another message.
+        // The first reader leaves after the message was sent to it: the newest stream
+        // standing by gets it without waiting for another message; when that reader
+        // leaves too, the same task hands over to the other one.
         drop(first);
-        let event = tokio::time::timeout(Duration::from_secs(5), second.recv())
-            .await
-            .expect("taken over at once")
-            .expect("an event");
-        assert_eq!(event.event_id.as_deref(), Some("1"));
-
-        // When the session ends, the stream standing by ends too.
-        let third = session.attach_standalone(None);
-        let mut fourth = session.attach_standalone(None);
-        session.close();
+        assert_eq!(next(&mut third).await.as_deref(), Some("1"));
         drop(third);
+        assert_eq!(next(&mut second).await.as_deref(), Some("1"));
+        drop(second);
+
+        // When the session ends, a stream standing by ends too (the watching task lets
+        // the current stream's sender go).
+        let current = session.attach_standalone(None);
+        let mut standing_by = session.attach_standalone(None);
+        session.close();
+        drop(current);
         assert!(
-            tokio::time::timeout(Duration::from_secs(5), fourth.recv())
+            tokio::time::timeout(Duration::from_secs(5), standing_by.recv())
                 .await
                 .expect("ends")
                 .is_none()
