@@ -3,7 +3,8 @@
 //! once; a request id reused while its request is in progress is refused and changes
 //! nothing; a notification sent while the `GET` stream was broken is replayed when it
 //! is resumed; `DELETE` ends a session; an idle session ends, one with a request in
-//! progress does not.
+//! progress does not; another account's key (or another endpoint) cannot listen to,
+//! resume or delete a session.
 
 mod common;
 
@@ -13,23 +14,40 @@ use std::time::Duration;
 use common::fault::{FaultState, Faulty};
 use common::raw::{RawSession, parse};
 use common::{backends, wait_until};
+use mcp_marketplace::auth::Scope;
 use mcp_marketplace::gateway::session::Sessions;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+/// Where a test's requests go and as whom: an endpoint, a key and a session id.
+#[derive(Clone, Copy)]
+struct As<'a> {
+    url: &'a str,
+    key: &'a str,
+    session: &'a str,
+}
+
+impl<'a> From<&'a RawSession> for As<'a> {
+    fn from(s: &'a RawSession) -> Self {
+        As {
+            url: &s.url,
+            key: &s.key,
+            session: s.session.as_deref().expect("a session id"),
+        }
+    }
+}
+
 /// A request of `session` with its headers, not yet sent.
-fn request(session: &RawSession, method: reqwest::Method) -> reqwest::RequestBuilder {
+fn request<'a>(session: impl Into<As<'a>>, method: reqwest::Method) -> reqwest::RequestBuilder {
+    let session = session.into();
     reqwest::Client::new()
-        .request(method, &session.url)
+        .request(method, session.url)
         .header("accept", "application/json, text/event-stream")
         .header("content-type", "application/json")
         .header("mcp-protocol-version", "2025-06-18")
-        .header(
-            "mcp-session-id",
-            session.session.as_deref().expect("a session id"),
-        )
-        .bearer_auth(&session.key)
+        .header("mcp-session-id", session.session)
+        .bearer_auth(session.key)
 }
 
 fn sleep_call(id: u64, tool: &str, ms: u64) -> String {
@@ -64,7 +82,7 @@ async fn post_and_break(session: &RawSession, body: String) -> String {
 
 /// `GET` with `Last-Event-ID: last`; the status and the whole body (the stream ends
 /// after the resumed request's answer, at once when there is nothing to resume).
-async fn resume(session: &RawSession, last: &str) -> (u16, String) {
+async fn resume<'a>(session: impl Into<As<'a>>, last: &str) -> (u16, String) {
     let response = request(session, reqwest::Method::GET)
         .header("accept", "text/event-stream")
         .header("last-event-id", last)
@@ -227,6 +245,64 @@ async fn a_deleted_session_is_gone() {
             .status,
         200
     );
+    market.assert_ledger_ok().await;
+    market.stop().await;
+    fault.stop().await;
+}
+
+#[tokio::test]
+async fn another_accounts_key_cannot_listen_to_resume_or_delete_a_session() {
+    let (market, fault, user, key) = common::faulty_world(common::Backend::Sqlite).await;
+    let session = RawSession::open(&market.mcp_url(), &key).await;
+    let intruder = market.account("intruder").await;
+    let intruder_key = market
+        .key(&intruder.name, &[Scope::Invoke, Scope::CatalogRead])
+        .await;
+    let id = session.session.clone().expect("a session id");
+    let as_intruder = As {
+        url: &session.url,
+        key: &intruder_key,
+        session: &id,
+    };
+    // The owner's call in progress, its stream broken after the first event.
+    let first = post_and_break(&session, sleep_call(7, "faulty__sleep", 1_000)).await;
+
+    // With another account's key, the session is not found: no GET stream, no resume
+    // of the owner's call, no DELETE.
+    let listen = request(as_intruder, reqwest::Method::GET)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("the marketplace answers");
+    assert_eq!(listen.status(), 404);
+    let (status, body) = resume(as_intruder, &first).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(parse(&body), None);
+    let deleted = request(as_intruder, reqwest::Method::DELETE)
+        .send()
+        .await
+        .expect("the marketplace answers");
+    assert_eq!(deleted.status(), 404);
+    // Nor with the owner's key on another endpoint.
+    let one_server = format!("{}/servers/faulty/mcp", market.base);
+    let elsewhere = As {
+        url: &one_server,
+        key: &key,
+        session: &id,
+    };
+    let (status, _) = resume(elsewhere, &first).await;
+    assert_eq!(status, 404);
+
+    // The owner still resumes the call and gets its answer, charged once.
+    let (status, body) = resume(&session, &first).await;
+    assert_eq!(status, 200);
+    let answer = parse(&body).unwrap_or_else(|| panic!("an answer: {body:?}"));
+    assert_eq!(
+        answer.pointer("/result/content/0/text"),
+        Some(&json!("slept"))
+    );
+    assert_eq!(market.balance(&user).await.wallet_micros, 950_000);
+    assert_eq!(market.balance(&intruder).await.wallet_micros, 0);
     market.assert_ledger_ok().await;
     market.stop().await;
     fault.stop().await;

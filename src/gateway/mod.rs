@@ -49,11 +49,14 @@ pub fn router(app: Arc<App>) -> Router {
         .with_allowed_hosts(hosts)
         .with_max_request_body_bytes(app.config.max_request_bytes)
         .with_cancellation_token(app.shutdown_token().child_token());
+    // One set of sessions for both endpoints: a session names its endpoint, and
+    // `require_key` checks it with the account.
+    let sessions = Arc::new(session::Sessions::default());
     let aggregated = {
         let app = app.clone();
         StreamableHttpService::new(
             move || Ok(GatewayHandler::new(app.clone())),
-            Arc::new(session::Sessions::default()),
+            sessions.clone(),
             config.clone(),
         )
     };
@@ -61,7 +64,7 @@ pub fn router(app: Arc<App>) -> Router {
         let app = app.clone();
         StreamableHttpService::new(
             move || Ok(GatewayHandler::new(app.clone())),
-            Arc::new(session::Sessions::default()),
+            sessions.clone(),
             config,
         )
     };
@@ -69,7 +72,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route_service("/mcp", aggregated)
         .route_service("/servers/{slug}/mcp", one_server)
         .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
+            Gate {
+                app: app.clone(),
+                sessions,
+            },
             require_key,
         ));
     Router::new()
@@ -159,11 +165,26 @@ pub async fn authenticate_request(
     app.keys.authenticate(&app.store, key).await
 }
 
+/// What [`require_key`] needs: the app and the MCP sessions of both endpoints.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// The application.
+    pub app: Arc<App>,
+    /// The sessions of `/mcp` and `/servers/{slug}/mcp`.
+    pub sessions: Arc<session::Sessions>,
+}
+
 /// Middleware: authenticates the key of every MCP request and attaches a [`Caller`];
 /// answers 401 with `WWW-Authenticate: Bearer` otherwise, 503 when the store is down;
-/// then applies the rate limits ([`limits::check`]: 429 over a limit, 413 over the
-/// body cap).
-pub async fn require_key(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+/// answers 404 to a `GET` or `DELETE` naming a session of another account or endpoint
+/// (as for an unknown session, MCP 2025-06-18 "Session Management"; a `POST` on it is
+/// refused by the handler with `session_mismatch`); then applies the rate limits
+/// ([`limits::check`]: 429 over a limit, 413 over the body cap).
+pub async fn require_key(
+    State(Gate { app, sessions }): State<Gate>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let key = match authenticate_request(&app, req.headers()).await {
         Ok(k) => k,
         Err(KeyError::Unauthorized) => return unauthorized(),
@@ -183,6 +204,15 @@ pub async fn require_key(State(app): State<Arc<App>>, mut req: Request, next: Ne
         .and_then(|rest| rest.strip_suffix("/mcp"))
         .map(str::to_owned);
     let caller = Caller { key, slug };
+    if req.method() != http::Method::POST
+        && let Some(id) = req
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        && !sessions.owned_by(id, &caller.key.account_id, caller.slug.as_deref())
+    {
+        return (http::StatusCode::NOT_FOUND, "Not Found: Session not found").into_response();
+    }
     req.extensions_mut().insert(caller.clone());
     match limits::check(&app, &caller, req).await {
         Ok(req) => next.run(req).await,

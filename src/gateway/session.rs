@@ -40,10 +40,14 @@
 //!
 //! A session ends on `DELETE`, when its service stops, or after [`SESSION_IDLE`] without
 //! a message from its client while none of its requests is in progress.
+//!
+//! A session belongs to the account and endpoint of the key that initialized it
+//! ([`Sessions::owned_by`]): the MCP handler refuses another's messages, and
+//! [`super::require_key`] another's `GET` and `DELETE`, which reach no handler.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -144,6 +148,16 @@ impl Sessions {
         }
     }
 
+    /// Whether session `id` may be used by a key of `account_id` on the endpoint of
+    /// `slug` (`None`: `/mcp`): it is theirs, it has no owner, or there is no such session
+    /// (rmcp answers that one with 404).
+    pub fn owned_by(&self, id: &str, account_id: &str, slug: Option<&str>) -> bool {
+        read(&self.sessions)
+            .get(id)
+            .and_then(|session| session.owner.get())
+            .is_none_or(|(owner, owner_slug)| owner == account_id && owner_slug.as_deref() == slug)
+    }
+
     fn session(&self, id: &SessionId) -> Result<Arc<Session>, SessionError> {
         read(&self.sessions)
             .get(id)
@@ -155,6 +169,10 @@ impl Sessions {
 /// One session: the way in to its service and the routes of its open streams.
 #[derive(Debug)]
 struct Session {
+    /// The account and endpoint (`None`: `/mcp`) whose key initialized the session;
+    /// unset where no key was asked for (rmcp's service served without
+    /// [`super::require_key`], as in tests).
+    owner: OnceLock<(String, Option<String>)>,
     inbound: mpsc::Sender<Box<ClientJsonRpcMessage>>,
     /// Cancelled when the session is closed; its transport then reports the end.
     closed: CancellationToken,
@@ -593,6 +611,7 @@ impl SessionManager for Sessions {
         let id = session_id();
         let (inbound, rx) = mpsc::channel(INBOUND_MESSAGES);
         let session = Arc::new(Session {
+            owner: OnceLock::new(),
             inbound,
             closed: CancellationToken::new(),
             routes: Mutex::new(Routes::default()),
@@ -611,7 +630,21 @@ impl SessionManager for Sessions {
         id: &SessionId,
         message: ClientJsonRpcMessage,
     ) -> Result<ServerJsonRpcMessage, SessionError> {
-        let mut rx = self.session(id)?.request(message, None).await?;
+        let session = self.session(id)?;
+        // rmcp put the HTTP request's parts, with the authenticated caller, in the
+        // message's extensions.
+        if let ClientJsonRpcMessage::Request(request) = &message
+            && let Some(caller) = request
+                .request
+                .extensions()
+                .get::<http::request::Parts>()
+                .and_then(|parts| parts.extensions.get::<super::Caller>())
+        {
+            let _ = session
+                .owner
+                .set((caller.key.account_id.clone(), caller.slug.clone()));
+        }
+        let mut rx = session.request(message, None).await?;
         while let Some(event) = rx.recv().await {
             if let Some(answer) = event.message {
                 return Ok(Arc::unwrap_or_clone(answer));
@@ -884,6 +917,7 @@ mod tests {
     async fn a_stream_standing_by_takes_over_as_soon_as_the_reader_has_left() {
         let (inbound, _rx) = mpsc::channel(INBOUND_MESSAGES);
         let session = Arc::new(Session {
+            owner: OnceLock::new(),
             inbound,
             closed: CancellationToken::new(),
             routes: Mutex::new(Routes::default()),
