@@ -76,7 +76,9 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 /// the streams it makes itself (`StreamableHttpServerConfig::default`).
 pub const SSE_RETRY: Duration = Duration::from_secs(3);
 
-/// How many of a stream's latest events are held for a `Last-Event-ID` resume: 16.
+/// How many of a stream's latest events are held for a `Last-Event-ID` resume: 16 (on
+/// a request's stream only those between its priming event and its answer: nothing
+/// resumes from before the first or after the last).
 pub const HELD_EVENTS: usize = 16;
 
 /// Client messages waiting for the session's service: 16 (the HTTP handler waits for
@@ -274,14 +276,22 @@ struct HeldEvents {
 }
 
 impl HeldEvents {
-    /// Numbers, names (`{n}/{stream}` or `{n}`) and holds the next event.
-    fn record(&mut self, stream: Option<u64>, mut event: ServerSseMessage) -> ServerSseMessage {
+    /// Numbers and names (`{n}/{stream}` or `{n}`) the next event, without holding it:
+    /// for events no resume replays (a priming event, the answer that ends its stream).
+    fn name(&mut self, stream: Option<u64>, mut event: ServerSseMessage) -> ServerSseMessage {
         let n = self.next;
         self.next += 1;
         event.event_id = Some(match stream {
             Some(stream) => format!("{n}/{stream}"),
             None => n.to_string(),
         });
+        event
+    }
+
+    /// Numbers, names and holds the next event (see [`HeldEvents::name`]).
+    fn record(&mut self, stream: Option<u64>, event: ServerSseMessage) -> ServerSseMessage {
+        let n = self.next;
+        let event = self.name(stream, event);
         if self.held.len() == HELD_EVENTS {
             self.held.pop_front();
         }
@@ -336,7 +346,7 @@ impl Routes {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut events = HeldEvents::default();
         if let Some(retry) = retry {
-            let _ = tx.send(events.record(Some(stream), ServerSseMessage::retry(retry)));
+            let _ = tx.send(events.name(Some(stream), ServerSseMessage::retry(retry)));
         }
         let progress_token = request.request.get_meta().get_progress_token();
         if let Some(token) = &progress_token {
@@ -422,9 +432,13 @@ impl Routes {
         match self.route(&message) {
             Route::Request { stream, ends } => {
                 if let Some(open) = self.requests.get_mut(&stream) {
-                    let event = open
-                        .events
-                        .record(Some(stream), ServerSseMessage::from_message(message));
+                    let event = ServerSseMessage::from_message(message);
+                    // The answer ends the stream, after which there is nothing to resume.
+                    let event = if ends {
+                        open.events.name(Some(stream), event)
+                    } else {
+                        open.events.record(Some(stream), event)
+                    };
                     let _ = open.tx.send(event);
                 }
                 if ends {
@@ -469,6 +483,16 @@ enum Route {
 }
 
 impl Session {
+    /// A session whose service reads the client's messages from `inbound`'s receiver.
+    fn new(inbound: mpsc::Sender<Box<ClientJsonRpcMessage>>) -> Arc<Self> {
+        Arc::new(Self {
+            owner: OnceLock::new(),
+            inbound,
+            closed: CancellationToken::new(),
+            routes: Mutex::new(Routes::default()),
+        })
+    }
+
     fn routes(&self) -> MutexGuard<'_, Routes> {
         lock(&self.routes)
     }
@@ -610,12 +634,7 @@ impl SessionManager for Sessions {
     async fn create_session(&self) -> Result<(SessionId, SessionTransport), SessionError> {
         let id = session_id();
         let (inbound, rx) = mpsc::channel(INBOUND_MESSAGES);
-        let session = Arc::new(Session {
-            owner: OnceLock::new(),
-            inbound,
-            closed: CancellationToken::new(),
-            routes: Mutex::new(Routes::default()),
-        });
+        let session = Session::new(inbound);
         write(&self.sessions).insert(id.clone(), session.clone());
         let transport = SessionTransport {
             inbound: rx,
@@ -916,12 +935,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_standing_by_takes_over_as_soon_as_the_reader_has_left() {
         let (inbound, _rx) = mpsc::channel(INBOUND_MESSAGES);
-        let session = Arc::new(Session {
-            owner: OnceLock::new(),
-            inbound,
-            closed: CancellationToken::new(),
-            routes: Mutex::new(Routes::default()),
-        });
+        let session = Session::new(inbound);
         let first = session.attach_standalone(None);
         let mut second = session.attach_standalone(Some(0));
         let mut third = session.attach_standalone(None);
