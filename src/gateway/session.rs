@@ -121,8 +121,10 @@ pub enum SessionError {
     UnknownEvent(String),
 }
 
-/// The sessions of one endpoint; rmcp's `StreamableHttpService` calls it for each HTTP
-/// request that names a session. See the module documentation.
+/// The MCP sessions of the marketplace (`/mcp` and `/servers/{slug}/mcp` share one set;
+/// each session records the endpoint it was initialized on); rmcp's
+/// `StreamableHttpService` calls it for each HTTP request that names a session. See the
+/// module documentation.
 #[derive(Debug)]
 pub struct Sessions {
     sessions: RwLock<HashMap<SessionId, Arc<Session>>>,
