@@ -382,50 +382,39 @@ impl Routes {
 
     /// Where `message` goes. The rules are the module documentation's.
     fn route(&self, message: &ServerJsonRpcMessage) -> Route {
-        let to = |id: Option<&RequestId>, ends: bool| match id
-            .and_then(|id| self.by_request_id.get(id))
-        {
-            Some(stream) => Route::Request {
-                stream: *stream,
-                ends,
-            },
-            None => Route::Standalone,
+        // The request stream found, else `otherwise`.
+        let on = |stream: Option<&u64>, ends: bool, otherwise: Route| match stream {
+            Some(&stream) => Route::Request { stream, ends },
+            None => otherwise,
         };
+        let by_id = |id: Option<&RequestId>| id.and_then(|id| self.by_request_id.get(id));
         match message {
             // The answer to a request whose stream has ended (its client cancelled it)
             // goes nowhere: a response never rides the standalone stream (MCP
             // 2025-06-18, "Listening for Messages from the Server", 4).
-            ServerJsonRpcMessage::Response(response) => match to(Some(&response.id), true) {
-                Route::Standalone => Route::Nowhere,
-                route => route,
-            },
-            ServerJsonRpcMessage::Error(error) => match to(error.id.as_ref(), true) {
-                Route::Standalone => Route::Nowhere,
-                route => route,
-            },
+            ServerJsonRpcMessage::Response(response) => {
+                on(by_id(Some(&response.id)), true, Route::Nowhere)
+            }
+            ServerJsonRpcMessage::Error(error) => {
+                on(by_id(error.id.as_ref()), true, Route::Nowhere)
+            }
             ServerJsonRpcMessage::Notification(n) => match &n.notification {
-                ServerNotification::ProgressNotification(p) => {
-                    match self.by_progress_token.get(&p.params.progress_token) {
-                        Some(stream) => Route::Request {
-                            stream: *stream,
-                            ends: false,
-                        },
-                        None => Route::Standalone,
-                    }
-                }
-                ServerNotification::CancelledNotification(c) => {
-                    to(c.params.request_id.as_ref(), false)
-                }
+                ServerNotification::ProgressNotification(p) => on(
+                    self.by_progress_token.get(&p.params.progress_token),
+                    false,
+                    Route::Standalone,
+                ),
+                ServerNotification::CancelledNotification(c) => on(
+                    by_id(c.params.request_id.as_ref()),
+                    false,
+                    Route::Standalone,
+                ),
                 _ => Route::Standalone,
             },
-            ServerJsonRpcMessage::Request(request) => to(
-                request
-                    .request
-                    .extensions()
-                    .get::<OriginatingRequestId>()
-                    .map(|origin| &origin.0),
-                false,
-            ),
+            ServerJsonRpcMessage::Request(request) => {
+                let origin = request.request.extensions().get::<OriginatingRequestId>();
+                on(by_id(origin.map(|o| &o.0)), false, Route::Standalone)
+            }
         }
     }
 
