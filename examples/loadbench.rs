@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example loadbench -- --connections 1,32 --seconds 15
+//! cargo run --release --example loadbench -- --connections 1,32 --message-bytes 262144
 //! ```
 //!
 //! It starts a fast upstream (an rmcp streamable-HTTP echo server with two tools,
@@ -18,6 +19,10 @@
 //!   forward, a zero-price reserve and settle, receipt);
 //! - `c paid`: through `/mcp` on the paid tool (full metering: reserve, settle 70/30,
 //!   signed receipt).
+//!
+//! Each call sends a message the echo sends back as its result's text: `hello` by
+//! default, or `--message-bytes N` bytes of ASCII prose, to measure what the
+//! marketplace adds to a large result (it parses, scans and meters every result).
 //!
 //! It prints, per mode, requests/s, p50/p90/p99 latency, the process's CPU time per
 //! call (user + system of all its threads: client, marketplace and upstream, from
@@ -53,6 +58,9 @@ const PAID_PRICE_MICROS: i64 = 100;
 const FUNDS_MICROS: i64 = 1_000_000 * 1_000_000;
 /// Rounds in which the three modes alternate.
 const ROUNDS: u32 = 3;
+/// The largest `--message-bytes`: the request must stay under the marketplace's
+/// default request body cap of 1 MiB.
+const MAX_MESSAGE_BYTES: usize = 1_000_000;
 /// Unmeasured time each mode runs before its first measured round.
 const WARMUP: Duration = Duration::from_secs(1);
 
@@ -156,10 +164,12 @@ struct Session {
     url: reqwest::Url,
     headers: reqwest::header::HeaderMap,
     next_id: u64,
+    /// The text each call sends and expects back.
+    message: Arc<str>,
 }
 
 impl Session {
-    async fn open(url: &str, key: Option<&str>) -> Result<Self> {
+    async fn open(url: &str, key: Option<&str>, message: Arc<str>) -> Result<Self> {
         let http = reqwest::Client::builder()
             .http1_only()
             .tcp_nodelay(true)
@@ -203,6 +213,7 @@ impl Session {
             url: reqwest::Url::parse(url)?,
             headers,
             next_id: 1,
+            message,
         })
     }
 
@@ -211,7 +222,7 @@ impl Session {
         let id = self.next_id;
         self.next_id += 1;
         let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-                          "params": {"name": tool, "arguments": {"message": "hello"}}});
+                          "params": {"name": tool, "arguments": {"message": &*self.message}}});
         let r = self
             .http
             .post(self.url.clone())
@@ -240,8 +251,8 @@ impl Session {
             "a failed call: {result}"
         );
         ensure!(
-            result.pointer("/content/0/text") == Some(&json!("hello")),
-            "an unexpected result: {result}"
+            result.pointer("/content/0/text").and_then(Value::as_str) == Some(&*self.message),
+            "an unexpected result: {result:.200}"
         );
         Ok(())
     }
@@ -407,12 +418,30 @@ async fn drive(
 struct Args {
     connections: Vec<usize>,
     seconds: u64,
+    /// Length of each call's message in bytes; `None`: `hello`.
+    message_bytes: Option<usize>,
+}
+
+impl Args {
+    /// The text every call sends: `hello`, or `message_bytes` bytes of prose (words
+    /// and spaces, so the result scan reads ordinary text).
+    fn message(&self) -> Arc<str> {
+        match self.message_bytes {
+            None => "hello".into(),
+            Some(n) => {
+                const WORDS: &str =
+                    "the quick brown fox jumps over the lazy dog and keeps running ";
+                WORDS.chars().cycle().take(n).collect::<String>().into()
+            }
+        }
+    }
 }
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         connections: vec![1, 32],
         seconds: 15,
+        message_bytes: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -433,8 +462,18 @@ fn parse_args() -> Result<Args> {
                     .parse()
                     .context("--seconds takes a number")?;
             }
+            "--message-bytes" => {
+                args.message_bytes = Some(
+                    it.next()
+                        .context("--message-bytes needs a number")?
+                        .parse()
+                        .context("--message-bytes takes a number of bytes")?,
+                );
+            }
             "--help" | "-h" => {
-                println!("usage: loadbench [--connections 1,32] [--seconds 15]");
+                println!(
+                    "usage: loadbench [--connections 1,32] [--seconds 15] [--message-bytes N]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other} (try --help)"),
@@ -445,6 +484,11 @@ fn parse_args() -> Result<Args> {
         "connections must be between 1 and 1024"
     );
     ensure!(args.seconds >= 3, "--seconds must be at least 3");
+    ensure!(
+        args.message_bytes
+            .is_none_or(|n| (1..=MAX_MESSAGE_BYTES).contains(&n)),
+        "--message-bytes must be between 1 and {MAX_MESSAGE_BYTES}"
+    );
     Ok(args)
 }
 
@@ -453,6 +497,7 @@ async fn bench_backend(database: &str, label: &str, args: &Args) -> Result<()> {
     let upstream = spawn_echo(cancel.clone()).await?;
     let market = start_marketplace(database, &upstream).await?;
     let per_round = Duration::from_secs(args.seconds) / ROUNDS;
+    let message = args.message();
     let mut paid_calls = 0u64;
     for &connections in &args.connections {
         let mut sessions = Vec::new();
@@ -461,8 +506,8 @@ async fn bench_backend(database: &str, label: &str, args: &Args) -> Result<()> {
             let mut s = Vec::new();
             for _ in 0..connections {
                 s.push(match mode {
-                    Mode::Direct => Session::open(&upstream, None).await?,
-                    _ => Session::open(&market.mcp_url, Some(&market.key)).await?,
+                    Mode::Direct => Session::open(&upstream, None, message.clone()).await?,
+                    _ => Session::open(&market.mcp_url, Some(&market.key), message.clone()).await?,
                 });
             }
             let tool = tool_of(mode);
@@ -556,9 +601,11 @@ async fn main() -> Result<()> {
     let args = parse_args()?;
     mcp_marketplace::install_crypto_provider();
     println!(
-        "loadbench: {} s per connection count, modes alternating in {ROUNDS} rounds; {} CPU(s)\n",
+        "loadbench: {} s per connection count, modes alternating in {ROUNDS} rounds; {} CPU(s); \
+         each call's message {} bytes\n",
         args.seconds,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.message().len()
     );
     bench_backend("sqlite", "SQLite", &args).await?;
     if let Ok(pg) = std::env::var("TEST_DATABASE_URL")
