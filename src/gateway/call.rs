@@ -268,7 +268,7 @@ async fn call_upstream(
             )
             .await
         }
-        failed => failed,
+        Err(failure) => Err(failure),
     };
     let latency_ms = started.elapsed().as_millis() as i64;
 
@@ -436,11 +436,20 @@ enum Failure {
     Blocked(Vec<Finding>),
 }
 
-/// Content protection of an upstream's result (after the forward, before settle):
+/// Content protection of an upstream's result (after the forward, before settle), on
+/// the result as the upstream sent it (`value`, the JSON-RPC response's `result`):
 /// the policy's redaction paths are removed, then the result is scanned. Block mode
 /// turns findings into [`Failure::Blocked`] (audited as `call.blocked`); flag mode
-/// adds them under `_meta["mcp-marketplace/warnings"]`. Costs nothing when there are
-/// no redaction paths and scanning is off.
+/// adds them under `_meta["mcp-marketplace/warnings"]`. Then the result becomes the
+/// typed `CallToolResult` rmcp sends, in one conversion that moves its strings: the
+/// parsed form is built once per call, and neither step copies it.
+///
+/// The scan reads every string the upstream sent, including members a
+/// `CallToolResult` has no field for (which are not passed on).
+///
+/// # Errors
+/// [`Failure::Blocked`] in block mode with findings; [`Failure::Upstream`] with
+/// [`UpstreamError::Protocol`] when the result is not a `CallToolResult`.
 async fn protect(
     app: &App,
     key: &crate::auth::KeyContext,
@@ -448,17 +457,18 @@ async fn protect(
     tool: &str,
     call_id: &str,
     policy: &Effective,
-    result: CallToolResult,
+    mut value: Value,
 ) -> Result<CallToolResult, Failure> {
-    if policy.redact.is_empty() && policy.scan == ScanMode::Off {
-        return Ok(result);
-    }
-    let invalid = |_| {
-        Failure::Upstream(UpstreamError::Protocol(
-            "the result is not a CallToolResult".into(),
-        ))
+    let typed = |value| {
+        serde_json::from_value::<CallToolResult>(value).map_err(|_| {
+            Failure::Upstream(UpstreamError::Protocol(
+                "the result is not a CallToolResult".into(),
+            ))
+        })
     };
-    let mut value = serde_json::to_value(&result).map_err(invalid)?;
+    if policy.redact.is_empty() && policy.scan == ScanMode::Off {
+        return typed(value);
+    }
     crate::security::redact::redact_result(&mut value, &policy.redact);
     let findings = if policy.scan == ScanMode::Off {
         Vec::new()
@@ -489,9 +499,12 @@ async fn protect(
             meta[WARNINGS_META_KEY] = json!(findings);
         }
     }
-    serde_json::from_value(value).map_err(invalid)
+    typed(value)
 }
 
+/// Step 6: sends `tools/call` upstream (failover and retries as `retry_safe` allows),
+/// relaying progress and log messages to the client meanwhile; returns the JSON-RPC
+/// response's `result` as the upstream sent it, unchecked ([`protect`] checks it).
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     app: &App,
@@ -503,7 +516,7 @@ async fn forward(
     call_id: &str,
     price: i64,
     ctx: &RequestContext<RoleServer>,
-) -> Result<CallToolResult, Failure> {
+) -> Result<Value, Failure> {
     let key = &caller.key;
     let fixed = app.upstream_headers(server).await.map_err(|e| {
         tracing::error!(server = %server.slug, error = %e, "cannot build the upstream headers");
@@ -590,11 +603,7 @@ async fn forward(
     };
     let (sent, ()) = tokio::join!(send, relay_to_client);
     match sent {
-        Ok(result) => serde_json::from_value::<CallToolResult>(result).map_err(|_| {
-            Failure::Upstream(UpstreamError::Protocol(
-                "the result is not a CallToolResult".into(),
-            ))
-        }),
+        Ok(result) => Ok(result),
         Err(crate::upstream::failover::SendError::Upstream(e)) => Err(Failure::Upstream(e)),
         Err(crate::upstream::failover::SendError::Cancelled) => Err(Failure::Cancelled),
     }
