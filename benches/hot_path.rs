@@ -11,7 +11,10 @@
 //! - `gateway/tools_list/10000`: the `tools/list` answer of that account (10,000
 //!   catalog tools, each with its price in `_meta`);
 //! - `gateway/tools_list_allow_list/10000`: the same for a key whose allow-list (two
-//!   glob patterns) admits 1,000 of them.
+//!   glob patterns) admits 1,000 of them;
+//! - `scan/{english,french,japanese}/262144`: the response scan of a 256 KiB text
+//!   result (`security::scan`, run on every result in the default `flag` mode);
+//!   throughput in bytes.
 //!
 //! ```text
 //! cargo bench --bench hot_path                 # all
@@ -266,6 +269,28 @@ fn backends() -> Vec<(String, String)> {
     b
 }
 
+/// Bytes of text (UTF-8) in each `scan` benchmark's result, at most.
+const SCAN_BYTES: usize = 256 * 1024;
+/// What the `scan` benchmarks repeat: ordinary text a tool returns, none of it a
+/// finding.
+const SCAN_PROSE: [(&str, &str); 3] = [
+    (
+        "english",
+        "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor \
+         incididunt ut labore. The new report was updated today; see the rules below. \
+         {\"id\": 12, \"name\": \"widget\", \"tags\": [\"a\", \"b\"]}\n",
+    ),
+    (
+        "french",
+        "Le système a été mis à jour ; les données précédentes sont conservées. \
+         Prix élevés, café noir, règles inchangées.\n",
+    ),
+    (
+        "japanese",
+        "日本語のテキストです。素早い茶色の狐が怠惰な犬を飛び越える。新しい報告書。\n",
+    ),
+];
+
 fn benches(c: &mut Criterion) {
     let rt = runtime();
     for (label, backend) in backends() {
@@ -317,6 +342,27 @@ fn benches(c: &mut Criterion) {
             g.bench_function("receipt", |b| {
                 b.iter(|| signer.sign(b"a receipt's canonical bytes, about this long"));
             });
+            g.finish();
+
+            let mut g = c.benchmark_group("scan");
+            for (name, prose) in SCAN_PROSE {
+                let text: String = prose
+                    .chars()
+                    .cycle()
+                    .scan(0, |len, c| {
+                        *len += c.len_utf8();
+                        (*len <= SCAN_BYTES).then_some(c)
+                    })
+                    .collect();
+                g.throughput(Throughput::Bytes(text.len() as u64));
+                let result = json!({"content": [{"type": "text", "text": text}]});
+                g.bench_function(BenchmarkId::new(name, SCAN_BYTES), |b| {
+                    b.iter(|| {
+                        let findings = mcp_marketplace::security::scan::scan(&result);
+                        assert!(findings.is_empty(), "{name}: {findings:?}");
+                    });
+                });
+            }
             g.finish();
         }
 
