@@ -8,6 +8,8 @@
 //! (echoing the request id), or passes the request on unchanged. Nothing is reserved
 //! before this point, so a refused call is never charged.
 
+use std::borrow::Cow;
+
 use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -31,10 +33,58 @@ pub struct ToolCall {
     pub name: String,
 }
 
+/// The members of a JSON-RPC message the rate limit reads. The others (a call's
+/// arguments, however large) are skipped while parsing, not copied.
+#[derive(serde::Deserialize)]
+struct Message<'a> {
+    #[serde(default)]
+    id: Value,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    params: Option<Params<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Params<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
+impl Message<'_> {
+    fn tool_call(self) -> Option<ToolCall> {
+        if self.method.as_deref() != Some("tools/call") {
+            return None;
+        }
+        Some(ToolCall {
+            id: self.id,
+            name: self.params?.name.into_owned(),
+        })
+    }
+}
+
 /// The `tools/call` requests in a JSON-RPC body: one message, or each message of a
 /// batch array. Anything else (other methods, notifications, malformed JSON, a name
 /// that is not a string) yields nothing here and is left to rmcp to answer.
+///
+/// A body whose messages have the usual shape is read without building its JSON
+/// tree; any other (a `params` that is not an object, a duplicate member, …) is read
+/// as a whole `Value`, with the same answer.
 pub fn tool_calls(body: &[u8]) -> Vec<ToolCall> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let shaped = if first == Some(&b'[') {
+        serde_json::from_slice::<Vec<Message<'_>>>(body).ok()
+    } else {
+        serde_json::from_slice::<Message<'_>>(body)
+            .ok()
+            .map(|m| vec![m])
+    };
+    if let Some(messages) = shaped {
+        return messages
+            .into_iter()
+            .filter_map(Message::tool_call)
+            .collect();
+    }
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
         return Vec::new();
     };
@@ -186,5 +236,37 @@ mod tests {
         );
         let batch = br#"[{"method":"tools/call","id":1,"params":{"name":"a__b"}},{"method":"ping","id":2}]"#;
         assert_eq!(tool_calls(batch).len(), 1);
+    }
+
+    /// The shaped reading and the whole-`Value` reading agree, including on bodies
+    /// only the second can read.
+    #[test]
+    fn unusual_bodies_get_the_same_answer() {
+        let call = |id: Value, name: &str| ToolCall {
+            id,
+            name: name.into(),
+        };
+        for (body, expected) in [
+            // Escapes in the name, a large argument, no id.
+            (
+                &br#" {"method":"tools\/call","params":{"name":"a__b","arguments":{"t":"xxxxxxxx"}}}"#[..],
+                vec![call(Value::Null, "a__b")],
+            ),
+            // A duplicate member: the last one counts, as in a `Value`.
+            (
+                br#"{"method":"ping","method":"tools/call","id":"x","params":{"name":"a__b"}}"#,
+                vec![call(json!("x"), "a__b")],
+            ),
+            // One odd message in a batch does not hide the others.
+            (
+                br#"[{"method":"tools/call","id":1,"params":["a__b"]},{"method":"tools/call","id":2,"params":{"name":"c__d"}},{"method":7}]"#,
+                vec![call(json!(2), "c__d")],
+            ),
+            (br#"{"method":"tools/call","id":3}"#, vec![]),
+            (br#"[]"#, vec![]),
+            (br#"[1, "x", null]"#, vec![]),
+        ] {
+            assert_eq!(tool_calls(body), expected, "{}", String::from_utf8_lossy(body));
+        }
     }
 }
