@@ -247,9 +247,9 @@ mod tests {
             name: name.into(),
         };
         for (body, expected) in [
-            // Escapes in the name, a large argument, no id.
+            // Escapes in the method and the name, arguments skipped, no id.
             (
-                &br#" {"method":"tools\/call","params":{"name":"a__b","arguments":{"t":"xxxxxxxx"}}}"#[..],
+                &br#" {"method":"tools\/call","params":{"name":"a__\u0062","arguments":{"t":"x\"y"}}}"#[..],
                 vec![call(Value::Null, "a__b")],
             ),
             // A duplicate member: the last one counts, as in a `Value`.
