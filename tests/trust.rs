@@ -569,6 +569,66 @@ async fn scanning_flags_or_blocks_and_redaction_removes_paths() {
     }
 }
 
+/// A result that is not a `CallToolResult` is never passed on and never charged, in
+/// every scan mode; in block mode the scan of what the upstream sent withholds it
+/// first (the call path scans the result before making it typed).
+#[tokio::test]
+async fn a_result_that_is_not_a_call_tool_result_is_refunded_in_every_scan_mode() {
+    for backend in backends() {
+        let (market, fault, key, _) = faulty(backend).await;
+        let server = market.app.catalog.get("faulty").await.unwrap();
+        let user = mcp_marketplace::auth::accounts::find_account(&market.app.store, "user")
+            .await
+            .unwrap();
+        let funded = market.balance(&user).await.wallet_micros;
+        fault.set_mode(common::fault::WRONG_RESULT);
+        let s = RawSession::open(&market.mcp_url(), &key).await;
+        for (id, mode, kind) in [
+            (1, None, "upstream_error"),
+            (2, Some(ScanMode::Off), "upstream_error"),
+            (3, Some(ScanMode::Block), "blocked_content"),
+        ] {
+            if let Some(mode) = mode {
+                common::set_policy(
+                    &market,
+                    SubjectKind::Server,
+                    &server.id,
+                    Policy {
+                        scan: Some(mode),
+                        ..Policy::default()
+                    },
+                )
+                .await;
+            }
+            let a = s.call(id, "faulty__echo", json!({"text": "3"})).await;
+            assert_eq!(a.tool_error_kind().as_deref(), Some(kind), "{}", a.body);
+            assert!(
+                !a.body.contains(".ssh"),
+                "the upstream's content is withheld: {}",
+                a.body
+            );
+            let receipt = a
+                .message
+                .as_ref()
+                .and_then(|m| m.pointer("/result/_meta/mcp-marketplace~1receipt"))
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(receipt["charged_micros"], json!(0), "{}", a.body);
+            assert_eq!(receipt["outcome"], json!("refunded"), "{}", a.body);
+        }
+        assert_eq!(fault.state.tool_calls(), 3);
+        assert_eq!(
+            market.balance(&user).await.wallet_micros,
+            funded,
+            "nothing charged"
+        );
+        assert_eq!(audit_of(&market, "call.blocked").await.len(), 1);
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn every_rest_route_and_marketplace_tool_checks_its_scope() {
     let (market, fault, _, _) = faulty(Backend::Sqlite).await;
