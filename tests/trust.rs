@@ -575,11 +575,8 @@ async fn scanning_flags_or_blocks_and_redaction_removes_paths() {
 #[tokio::test]
 async fn a_result_that_is_not_a_call_tool_result_is_refunded_in_every_scan_mode() {
     for backend in backends() {
-        let (market, fault, key, _) = faulty(backend).await;
+        let (market, fault, user, key) = common::faulty_world(backend).await;
         let server = market.app.catalog.get("faulty").await.unwrap();
-        let user = mcp_marketplace::auth::accounts::find_account(&market.app.store, "user")
-            .await
-            .unwrap();
         let funded = market.balance(&user).await.wallet_micros;
         fault.set_mode(common::fault::WRONG_RESULT);
         let s = RawSession::open(&market.mcp_url(), &key).await;
