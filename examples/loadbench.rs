@@ -28,7 +28,9 @@
 //! call (user + system of all its threads: client, marketplace and upstream, from
 //! `/proc/self/stat`; not the PostgreSQL server's, a process of its own) and its context
 //! switches per call (voluntary and involuntary, summed over `/proc/self/task/*/status`:
-//! each is a thread that went to sleep or was preempted), and the ratios b/a and c/a.
+//! each is a thread that went to sleep or was preempted), and the ratios b/a and c/a;
+//! with `--threads` also both of the latter per thread name (tokio's workers, sqlx's
+//! SQLite threads, …), to see which threads a mode wakes.
 //! Linux only. CPU per call is steadier than requests/s from run to run; c − a is what
 //! the marketplace itself spends on a paid call, and on two cores no more than
 //! 2 s / (c's CPU per call) calls a second can be reached, whatever the waits.
@@ -37,6 +39,7 @@
 //! and afterwards `ledger verify` must hold and the paid calls must equal the settled
 //! ones. The client runs on the same two cores as the servers, in every mode alike.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -114,9 +117,7 @@ async fn start_marketplace(database: &str, upstream: &str) -> Result<Marketplace
     let task = tokio::spawn({
         let (app, shutdown) = (app.clone(), shutdown.clone());
         async move {
-            if let Err(e) = app.serve(listener, shutdown).await {
-                eprintln!("marketplace failed: {e}");
-            }
+            app.serve(listener, shutdown).await;
         }
     });
     let creator = create_account(&app.store, "bench-creator").await?;
@@ -286,6 +287,8 @@ struct Measured {
     cpu: Duration,
     /// Context switches of the process's threads while the mode ran.
     switches: u64,
+    /// Per thread name (`--threads`): context switches and CPU ticks while the mode ran.
+    threads: BTreeMap<String, ThreadUse>,
     latency_us: Histogram<u64>,
 }
 
@@ -296,6 +299,7 @@ impl Measured {
             elapsed: Duration::ZERO,
             cpu: Duration::ZERO,
             switches: 0,
+            threads: BTreeMap::new(),
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         })
     }
@@ -344,6 +348,55 @@ fn context_switches() -> Result<u64> {
     Ok(total)
 }
 
+/// What the threads of one name used: context switches (voluntary and involuntary) and
+/// CPU time in `USER_HZ` ticks.
+#[derive(Debug, Clone, Copy, Default)]
+struct ThreadUse {
+    switches: u64,
+    ticks: u64,
+}
+
+/// [`ThreadUse`] so far of this process's threads, summed per thread name (proc(5):
+/// `/proc/self/task/*/stat` fields 2, 14 and 15, and `status`). tokio names its workers
+/// `tokio-runtime-w` (the name is cut at 15 bytes), sqlx its SQLite connection threads
+/// `sqlx-sqlite-wor`; threads that ended are no longer counted.
+fn thread_use() -> Result<BTreeMap<String, ThreadUse>> {
+    let mut by_name = BTreeMap::<String, ThreadUse>::new();
+    for task in std::fs::read_dir("/proc/self/task").context("read /proc/self/task")? {
+        let path = task?.path();
+        let (Ok(stat), Ok(status)) = (
+            std::fs::read_to_string(path.join("stat")),
+            std::fs::read_to_string(path.join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // `pid (name) state …`: the name may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            bail!("no thread name in {}", path.display());
+        };
+        let (name, rest) = (&stat[open + 1..close], &stat[close + 1..]);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let tick = |i: usize| {
+            fields
+                .get(i - 3)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let switches = status
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum::<u64>();
+        let entry = by_name.entry(name.to_owned()).or_default();
+        entry.switches += switches;
+        entry.ticks += tick(14) + tick(15);
+    }
+    Ok(by_name)
+}
+
 /// Clock ticks per second of `/proc/PID/stat`'s times (`USER_HZ`, fixed at 100 by the
 /// Linux ABI whatever the kernel's own tick rate; proc(5)).
 const USER_HZ: u64 = 100;
@@ -381,6 +434,7 @@ async fn drive(
     let started = Instant::now();
     let cpu_before = process_cpu()?;
     let switches_before = context_switches()?;
+    let threads_before = thread_use()?;
     let mut tasks = Vec::new();
     for mut session in sessions.drain(..) {
         let stop = stop.clone();
@@ -411,6 +465,12 @@ async fn drive(
         m.elapsed += started.elapsed();
         m.cpu += process_cpu()?.saturating_sub(cpu_before);
         m.switches += context_switches()?.saturating_sub(switches_before);
+        for (name, now) in thread_use()? {
+            let before = threads_before.get(&name).copied().unwrap_or_default();
+            let used = m.threads.entry(name).or_default();
+            used.switches += now.switches.saturating_sub(before.switches);
+            used.ticks += now.ticks.saturating_sub(before.ticks);
+        }
     }
     Ok(())
 }
@@ -420,6 +480,8 @@ struct Args {
     seconds: u64,
     /// Length of each call's message in bytes; `None`: `hello`.
     message_bytes: Option<usize>,
+    /// Print each mode's context switches and CPU per call by thread name.
+    threads: bool,
 }
 
 impl Args {
@@ -442,6 +504,7 @@ fn parse_args() -> Result<Args> {
         connections: vec![1, 32],
         seconds: 15,
         message_bytes: None,
+        threads: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -470,9 +533,11 @@ fn parse_args() -> Result<Args> {
                         .context("--message-bytes takes a number of bytes")?,
                 );
             }
+            "--threads" => args.threads = true,
             "--help" | "-h" => {
                 println!(
-                    "usage: loadbench [--connections 1,32] [--seconds 15] [--message-bytes N]"
+                    "usage: loadbench [--connections 1,32] [--seconds 15] [--message-bytes N] \
+                     [--threads]"
                 );
                 std::process::exit(0);
             }
@@ -529,6 +594,9 @@ async fn bench_backend(database: &str, label: &str, args: &Args) -> Result<()> {
         // The warm-up calls were paid too.
         paid_calls += results[2].calls;
         print_table(label, connections, &results);
+        if args.threads {
+            print_threads(&results);
+        }
     }
     let broken = market.app.ledger.verify().await?;
     ensure!(broken.is_empty(), "ledger verify failed: {broken:?}");
@@ -587,6 +655,24 @@ fn print_table(label: &str, connections: usize, r: &[Measured]) {
             m.cpu_us() - a.cpu_us()
         );
     }
+}
+
+/// Per mode, each thread name's context switches and CPU per call (`--threads`).
+fn print_threads(r: &[Measured]) {
+    for (mode, m) in Mode::ALL.iter().zip(r) {
+        let calls = m.calls.max(1) as f64;
+        let parts: Vec<String> = m
+            .threads
+            .iter()
+            .filter(|(_, u)| u.switches > 0 || u.ticks > 0)
+            .map(|(name, u)| {
+                let cpu_us = (u.ticks * 1_000_000 / USER_HZ) as f64 / calls;
+                format!("{name} {:.1} sw, {cpu_us:.0} µs", u.switches as f64 / calls)
+            })
+            .collect();
+        println!("  {:<26} per call: {}", mode.label(), parts.join("; "));
+    }
+    println!();
 }
 
 /// The product binary's allocator ([`mcp_marketplace::Allocator`]), so the marketplace measured here
