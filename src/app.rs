@@ -665,43 +665,29 @@ impl App {
         }
     }
 
-    /// Serves the marketplace on `listener` until `shutdown` is cancelled, then stops
-    /// the background tasks and closes upstream sessions.
-    ///
-    /// # Errors
-    /// [`AppError::Io`] when serving fails.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<(), AppError> {
+    /// Serves the marketplace on `listener` ([`crate::server::serve`], under
+    /// `config.http`) until `shutdown` is cancelled, then lets the calls in flight
+    /// finish, closes every connection once its response in progress is done, stops
+    /// the background tasks and closes upstream sessions. Failures of single
+    /// connections or accepts are logged, never returned.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         self.spawn_background();
-        // Every route made a service once, here: served as a `Router`, axum would rebuild
-        // the route table for each connection (`with_state` per connection), about
-        // 18 KiB per open connection (issue 7: memory with 1,000 sessions).
-        let router = crate::gateway::router(self.clone())
-            .with_state(())
-            .into_make_service();
+        // Every route made a service once, here: served as a `Router` with state, axum
+        // would rebuild the route table for each connection (`with_state` per
+        // connection), about 18 KiB per open connection (issue 7: memory with 1,000
+        // sessions); a `Router<()>` clones as a reference count.
+        let router = crate::gateway::router(self.clone()).with_state(());
         let app = self.clone();
-        // Without TCP_NODELAY every small SSE answer waits ~40 ms for a delayed ACK
-        // (DESIGN.md "Measured pitfalls").
-        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
-            }
-        });
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                shutdown.cancelled().await;
-                app.drain_calls().await;
-                app.shutdown.cancel();
-            })
-            .await;
+        crate::server::serve(listener, router, self.config.http, async move {
+            shutdown.cancelled().await;
+            app.drain_calls().await;
+            app.shutdown.cancel();
+        })
+        .await;
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
         self.upstreams.close_all().await;
-        result.map_err(AppError::Io)
     }
 
     /// A guard a `tools/call` holds from its breaker check until it is settled or

@@ -484,7 +484,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 shutdown_signal().await;
                 t.cancel();
             });
-            app.serve(listener, token).await?;
+            app.serve(listener, token).await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => {

@@ -74,6 +74,11 @@ pub struct FileConfig {
     pub sweep_interval: Option<String>,
     /// Idle time after which an (account, server) upstream session closes, e.g. `5m`.
     pub session_idle: Option<String>,
+    /// How long a client's HTTP connection may wait for a request's complete head (idle
+    /// between requests, or sending it slowly) before it is closed, e.g. `30s`.
+    pub http_idle_timeout: Option<String>,
+    /// Most client HTTP connections open at once.
+    pub max_connections: Option<usize>,
     /// `[rate_limits]`: `per_account_per_server`, `per_account`, `per_key`.
     #[serde(default)]
     pub rate_limits: RateLimitsFile,
@@ -288,6 +293,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Idle time after which an (account, server) upstream session is closed.
     pub session_idle: Duration,
+    /// The idle timeout and connection cap of the HTTP server ([`crate::server`]).
+    pub http: crate::server::HttpLimits,
     /// Default rate limits.
     pub rate_limits: Limits,
     /// Default response scan mode.
@@ -322,6 +329,7 @@ impl Default for Config {
             tools_ttl: DEFAULT_TOOLS_TTL,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             session_idle: Duration::from_millis(crate::upstream::DEFAULT_SESSION_IDLE_MS as u64),
+            http: crate::server::HttpLimits::default(),
             rate_limits: Limits::default(),
             scan_mode: ScanMode::default(),
             max_concurrency_per_server: DEFAULT_MAX_CONCURRENCY_PER_SERVER,
@@ -432,6 +440,26 @@ impl Config {
                 "between 1 and 10000".into(),
             ));
         }
+        let http = crate::server::HttpLimits {
+            idle_timeout: duration_or(
+                "http_idle_timeout",
+                file.http_idle_timeout.as_deref(),
+                d.http.idle_timeout,
+            )?,
+            max_connections: file.max_connections.unwrap_or(d.http.max_connections),
+        };
+        if http.idle_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "http_idle_timeout",
+                "must be longer than 0 s".into(),
+            ));
+        }
+        if !(1..=1_000_000).contains(&http.max_connections) {
+            return Err(ConfigError::Invalid(
+                "max_connections",
+                "between 1 and 1000000".into(),
+            ));
+        }
         Ok(Self {
             listen,
             database_url,
@@ -451,6 +479,7 @@ impl Config {
                 file.session_idle.as_deref(),
                 d.session_idle,
             )?,
+            http,
             rate_limits,
             scan_mode,
             max_concurrency_per_server,

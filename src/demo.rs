@@ -48,7 +48,7 @@ pub struct Demo {
     pub info: DemoInfo,
     examples: Vec<(Manifest, upstreams::ExampleServer)>,
     shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<Result<(), AppError>>,
+    server: tokio::task::JoinHandle<()>,
 }
 
 impl Demo {

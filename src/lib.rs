@@ -39,6 +39,7 @@ pub mod demo;
 pub mod gateway;
 pub mod market;
 pub mod security;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;

@@ -829,3 +829,28 @@ fn plans_come_from_the_config_file_and_variables() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `http_idle_timeout` and `max_connections` (README "Configuration"): a value that
+/// could serve nothing is refused at start, naming the setting.
+#[test]
+fn http_limits_out_of_range_are_refused() {
+    for (var, value, needle) in [
+        ("MCP_MARKETPLACE_HTTP_IDLE_TIMEOUT", "0s", "http_idle_timeout"),
+        ("MCP_MARKETPLACE_HTTP_IDLE_TIMEOUT", "soon", "http_idle_timeout"),
+        ("MCP_MARKETPLACE_MAX_CONNECTIONS", "0", "max_connections"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}", dir.path().join("market.db").display());
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-marketplace"))
+            .args(["ledger", "verify"])
+            .env("MCP_MARKETPLACE_DATABASE_URL", &db)
+            .env(var, value)
+            .output()
+            .unwrap();
+        fails_with(&out, needle);
+        assert!(
+            !dir.path().join("market.db").exists(),
+            "{var}={value}: nothing was created"
+        );
+    }
+}

@@ -448,3 +448,204 @@ async fn an_endpoint_the_policy_no_longer_allows_is_refused_at_connect() {
     units.shutdown().await;
     notes.shutdown().await;
 }
+
+/// Reads from `stream` until it closes (`true`) or `within` passes (`false`); what was
+/// read goes to `into`.
+async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+    into: &mut Vec<u8>,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let read_to_end = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => into.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read_to_end).await.is_ok()
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+
+/// Sends `GET /healthz` on a new keep-alive connection and reads its answer.
+async fn healthz_connection(addr: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(HEALTHZ).await.expect("send");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"ok") {
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    stream
+}
+
+/// Slowloris and idle keep-alive connections (README "HTTP": `http_idle_timeout`): a
+/// connection idle between requests, or sending a request's head too slowly, is closed
+/// after the idle timeout; a response in progress (a call longer than it, a session's
+/// `GET` stream) is not cut; a client whose idle connection was closed goes on in its
+/// session over a new one, charged once per call.
+#[tokio::test]
+async fn idle_and_slow_connections_are_closed_but_responses_in_progress_are_not() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    const IDLE: Duration = Duration::from_millis(300);
+    for backend in backends() {
+        let market = common::Market::start_with(common::TestDb::new(backend).await, |c| {
+            c.http.idle_timeout = IDLE;
+        })
+        .await;
+        let (market, fault, user, key) = common::with_faulty(market).await;
+        let addr = market.base.trim_start_matches("http://").to_owned();
+
+        // Idle after an answer: closed.
+        let mut idle = healthz_connection(&addr).await;
+        let mut rest = Vec::new();
+        assert!(
+            closed_within(&mut idle, Duration::from_secs(5), &mut rest).await,
+            "an idle keep-alive connection stayed open"
+        );
+
+        // A head sent a byte every 100 ms, never complete: closed, never answered.
+        let mut slow = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            .await
+            .expect("send");
+        let mut answer = Vec::new();
+        let mut closed = false;
+        for _ in 0..50 {
+            if slow.write_all(b"a").await.is_err()
+                || closed_within(&mut slow, Duration::from_millis(100), &mut answer).await
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "a slowly sent head kept its connection for 5 s");
+        assert!(
+            !String::from_utf8_lossy(&answer).contains(" 200 "),
+            "a slowly sent head was answered: {}",
+            String::from_utf8_lossy(&answer)
+        );
+
+        // A session's `GET` stream lasts past the idle timeout.
+        let raw = RawSession::open(&market.mcp_url(), &key).await;
+        let mut stream = reqwest::Client::new()
+            .get(market.mcp_url())
+            .header("accept", "text/event-stream")
+            .header("mcp-protocol-version", "2025-06-18")
+            .header(
+                "mcp-session-id",
+                raw.session.as_deref().expect("session id"),
+            )
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("GET stream");
+        assert_eq!(stream.status(), 200);
+        let until = tokio::time::Instant::now() + 3 * IDLE;
+        while let Ok(chunk) = tokio::time::timeout_at(until, stream.chunk()).await {
+            assert!(
+                chunk.expect("stream reads").is_some(),
+                "the GET stream was closed by the idle timeout"
+            );
+        }
+
+        // A call three times longer than the idle timeout is answered and charged; the
+        // client's connection is then closed while idle, and its next call in the same
+        // session goes over a new one.
+        let client = market.client(&key).await;
+        fault.state.delay_ms.store(900, Ordering::SeqCst);
+        fault.set_mode(common::fault::SLOW);
+        let wallet = market.balance(&user).await.wallet_micros;
+        let r = client
+            .call_tool(
+                rmcp::model::CallToolRequestParams::new("faulty__add")
+                    .with_arguments(common::args(json!({"a": 2, "b": 2}))),
+            )
+            .await
+            .expect("the slow call is answered");
+        assert_eq!(common::text_of(&r), "4");
+        assert_eq!(common::receipt_of(&r).outcome, "settled");
+        fault.set_mode(common::fault::NORMAL);
+        tokio::time::sleep(3 * IDLE).await;
+        let r = client
+            .call_tool(
+                rmcp::model::CallToolRequestParams::new("faulty__add")
+                    .with_arguments(common::args(json!({"a": 1, "b": 2}))),
+            )
+            .await
+            .expect("the call after an idle close is answered");
+        assert_eq!(common::text_of(&r), "3");
+        assert_eq!(
+            market.balance(&user).await.wallet_micros,
+            wallet - 2 * 50_000,
+            "two calls, each charged once"
+        );
+        client.cancel().await.ok();
+        market.assert_ledger_ok().await;
+        market.stop().await;
+        fault.stop().await;
+    }
+}
+
+/// `max_connections`: a connection past the cap waits to be served until one of the
+/// open ones closes, and is then answered.
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    let market = common::Market::start_with(common::TestDb::new(Backend::Sqlite).await, |c| {
+        c.http.max_connections = 2;
+    })
+    .await;
+    let addr = market.base.trim_start_matches("http://").to_owned();
+    let first = healthz_connection(&addr).await;
+    let _second = healthz_connection(&addr).await;
+    let mut third = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    third.write_all(HEALTHZ).await.expect("send");
+    let mut answer = Vec::new();
+    assert!(
+        !closed_within(&mut third, Duration::from_millis(500), &mut answer).await
+            && answer.is_empty(),
+        "a third connection was served past a cap of 2: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(first);
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        while !answer.ends_with(b"ok") {
+            let n = third.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before answering");
+            answer.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("the waiting connection is served once one closes");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    market.stop().await;
+}

@@ -187,7 +187,7 @@ impl Market {
             let app = app.clone();
             let shutdown = shutdown.clone();
             async move {
-                app.serve(listener, shutdown).await.expect("serve");
+                app.serve(listener, shutdown).await;
             }
         });
         Self {
