@@ -686,6 +686,7 @@ static ALLOCATOR: mcp_marketplace::Allocator = mcp_marketplace::ALLOCATOR;
 async fn main() -> Result<()> {
     let args = parse_args()?;
     mcp_marketplace::install_crypto_provider();
+    mcp_marketplace::start_allocator_purging()?;
     println!(
         "loadbench: {} s per connection count, modes alternating in {ROUNDS} rounds; {} CPU(s); \
          each call's message {} bytes\n",

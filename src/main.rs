@@ -18,6 +18,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = mcp_marketplace::start_allocator_purging() {
+        tracing::debug!(error = %e, "jemalloc's background threads are off");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
