@@ -835,8 +835,16 @@ fn plans_come_from_the_config_file_and_variables() {
 #[test]
 fn http_limits_out_of_range_are_refused() {
     for (var, value, needle) in [
-        ("MCP_MARKETPLACE_HTTP_IDLE_TIMEOUT", "0s", "http_idle_timeout"),
-        ("MCP_MARKETPLACE_HTTP_IDLE_TIMEOUT", "soon", "http_idle_timeout"),
+        (
+            "MCP_MARKETPLACE_HTTP_IDLE_TIMEOUT",
+            "0s",
+            "http_idle_timeout",
+        ),
+        (
+            "MCP_MARKETPLACE_HTTP_IDLE_TIMEOUT",
+            "soon",
+            "http_idle_timeout",
+        ),
         ("MCP_MARKETPLACE_MAX_CONNECTIONS", "0", "max_connections"),
     ] {
         let dir = tempfile::tempdir().unwrap();
