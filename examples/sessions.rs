@@ -280,22 +280,11 @@ async fn open(http: reqwest::Client, url: &str, key: &str) -> Result<(Session, u
         json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
     )
     .await?;
+    let session = Session { http, headers };
     let asked = Instant::now();
-    let (_, list) = post(
-        &http,
-        url,
-        &headers,
-        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
-    )
-    .await?;
+    let tools = session.list(url, 1).await?;
     let listed_in = asked.elapsed();
-    let tools = list
-        .as_ref()
-        .and_then(|m| m.pointer("/result/tools"))
-        .and_then(Value::as_array)
-        .with_context(|| format!("not a tools/list result: {list:?}"))?
-        .len();
-    Ok((Session { http, headers }, tools, listed_in))
+    Ok((session, tools, listed_in))
 }
 
 fn client() -> Result<reqwest::Client> {
