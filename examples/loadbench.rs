@@ -323,31 +323,6 @@ impl Measured {
     }
 }
 
-/// Context switches of this process's threads so far (proc(5): the sum of
-/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` over
-/// `/proc/self/task/*/status`; a thread that ended no longer counts, so take the
-/// difference over a span in which the threads live on: tokio's workers and sqlx's).
-fn context_switches() -> Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").context("read /proc/self/task")? {
-        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
-            continue; // the thread ended meanwhile
-        };
-        for line in status.lines() {
-            if let Some(n) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += n
-                    .trim()
-                    .parse::<u64>()
-                    .context("a switch count is not a number")?;
-            }
-        }
-    }
-    Ok(total)
-}
-
 /// What the threads of one name used: context switches (voluntary and involuntary) and
 /// CPU time in `USER_HZ` ticks.
 #[derive(Debug, Clone, Copy, Default)]
@@ -357,9 +332,11 @@ struct ThreadUse {
 }
 
 /// [`ThreadUse`] so far of this process's threads, summed per thread name (proc(5):
-/// `/proc/self/task/*/stat` fields 2, 14 and 15, and `status`). tokio names its workers
-/// `tokio-runtime-w` (the name is cut at 15 bytes), sqlx its SQLite connection threads
-/// `sqlx-sqlite-wor`; threads that ended are no longer counted.
+/// `/proc/self/task/*/stat` fields 2, 14 and 15, and `status`'s
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches`). tokio names its workers
+/// `tokio-rt-worker`, sqlx its SQLite connection threads `sqlx-sqlite-wor` (names are
+/// cut at 15 bytes). A thread that ended no longer counts, so take differences over a
+/// span in which the threads live on: tokio's workers and sqlx's.
 fn thread_use() -> Result<BTreeMap<String, ThreadUse>> {
     let mut by_name = BTreeMap::<String, ThreadUse>::new();
     for task in std::fs::read_dir("/proc/self/task").context("read /proc/self/task")? {
@@ -376,23 +353,29 @@ fn thread_use() -> Result<BTreeMap<String, ThreadUse>> {
         };
         let (name, rest) = (&stat[open + 1..close], &stat[close + 1..]);
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let tick = |i: usize| {
+        // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+        let tick = |i: usize| -> Result<u64> {
             fields
                 .get(i - 3)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
+                .context("a thread's stat is too short")?
+                .parse::<u64>()
+                .context("a time in a thread's stat is not a number")
         };
-        let switches = status
-            .lines()
-            .filter_map(|line| {
-                line.strip_prefix("voluntary_ctxt_switches:")
-                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            })
-            .filter_map(|n| n.trim().parse::<u64>().ok())
-            .sum::<u64>();
+        let mut switches = 0;
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                switches += n
+                    .trim()
+                    .parse::<u64>()
+                    .context("a switch count is not a number")?;
+            }
+        }
         let entry = by_name.entry(name.to_owned()).or_default();
         entry.switches += switches;
-        entry.ticks += tick(14) + tick(15);
+        entry.ticks += tick(14)? + tick(15)?;
     }
     Ok(by_name)
 }
@@ -433,7 +416,6 @@ async fn drive(
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let cpu_before = process_cpu()?;
-    let switches_before = context_switches()?;
     let threads_before = thread_use()?;
     let mut tasks = Vec::new();
     for mut session in sessions.drain(..) {
@@ -464,12 +446,13 @@ async fn drive(
     if let Some(m) = measured {
         m.elapsed += started.elapsed();
         m.cpu += process_cpu()?.saturating_sub(cpu_before);
-        m.switches += context_switches()?.saturating_sub(switches_before);
         for (name, now) in thread_use()? {
             let before = threads_before.get(&name).copied().unwrap_or_default();
             let used = m.threads.entry(name).or_default();
-            used.switches += now.switches.saturating_sub(before.switches);
+            let switched = now.switches.saturating_sub(before.switches);
+            used.switches += switched;
             used.ticks += now.ticks.saturating_sub(before.ticks);
+            m.switches += switched;
         }
     }
     Ok(())
@@ -664,10 +647,13 @@ fn print_threads(r: &[Measured]) {
         let parts: Vec<String> = m
             .threads
             .iter()
-            .filter(|(_, u)| u.switches > 0 || u.ticks > 0)
-            .map(|(name, u)| {
+            .filter_map(|(name, u)| {
+                let switches = u.switches as f64 / calls;
                 let cpu_us = (u.ticks * 1_000_000 / USER_HZ) as f64 / calls;
-                format!("{name} {:.1} sw, {cpu_us:.0} µs", u.switches as f64 / calls)
+                // Threads that did next to nothing per call (the client's main thread,
+                // jemalloc's) would only print zeros.
+                (switches >= 0.05 || cpu_us >= 0.5)
+                    .then(|| format!("{name} {switches:.1} sw, {cpu_us:.0} µs"))
             })
             .collect();
         println!("  {:<26} per call: {}", mode.label(), parts.join("; "));
