@@ -347,20 +347,7 @@ fn thread_use() -> Result<BTreeMap<String, ThreadUse>> {
         ) else {
             continue; // the thread ended meanwhile
         };
-        // `pid (name) state …`: the name may hold spaces and parentheses.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            bail!("no thread name in {}", path.display());
-        };
-        let (name, rest) = (&stat[open + 1..close], &stat[close + 1..]);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // `rest` starts at field 3 (state): utime is field 14, stime field 15.
-        let tick = |i: usize| -> Result<u64> {
-            fields
-                .get(i - 3)
-                .context("a thread's stat is too short")?
-                .parse::<u64>()
-                .context("a time in a thread's stat is not a number")
-        };
+        let (name, ticks) = cpu_ticks(&stat).with_context(|| format!("read {}", path.display()))?;
         let mut switches = 0;
         for line in status.lines() {
             if let Some(n) = line
@@ -375,7 +362,7 @@ fn thread_use() -> Result<BTreeMap<String, ThreadUse>> {
         }
         let entry = by_name.entry(name.to_owned()).or_default();
         entry.switches += switches;
-        entry.ticks += tick(14)? + tick(15)?;
+        entry.ticks += ticks;
     }
     Ok(by_name)
 }
@@ -384,25 +371,30 @@ fn thread_use() -> Result<BTreeMap<String, ThreadUse>> {
 /// Linux ABI whatever the kernel's own tick rate; proc(5)).
 const USER_HZ: u64 = 100;
 
-/// CPU time this process used so far, all threads, user + system (proc(5)
-/// `/proc/self/stat` fields 14 and 15, in `USER_HZ` ticks).
-fn process_cpu() -> Result<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").context("read /proc/self/stat")?;
-    // Field 2 (the command name) may hold spaces; the rest follows its closing ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("no ')' in /proc/self/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
-    let ticks = |i: usize| -> Result<u64> {
+/// The name (field 2) and the user + system CPU time (fields 14 and 15, `USER_HZ`
+/// ticks) of a process's or a thread's `stat` (proc(5)).
+fn cpu_ticks(stat: &str) -> Result<(&str, u64)> {
+    // `pid (name) state …`: the name may hold spaces and parentheses.
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        bail!("no name in a stat line");
+    };
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // The fields after the name start at field 3 (state).
+    let field = |i: usize| -> Result<u64> {
         fields
             .get(i - 3)
-            .context("/proc/self/stat is too short")?
+            .context("a stat line is too short")?
             .parse::<u64>()
-            .context("a time in /proc/self/stat is not a number")
+            .context("a time in a stat line is not a number")
     };
-    let ticks = ticks(14)? + ticks(15)?;
+    Ok((&stat[open + 1..close], field(14)? + field(15)?))
+}
+
+/// CPU time this process used so far, all threads (those that ended too), user +
+/// system (`/proc/self/stat`).
+fn process_cpu() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("read /proc/self/stat")?;
+    let (_, ticks) = cpu_ticks(&stat)?;
     Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
 }
 
