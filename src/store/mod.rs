@@ -9,6 +9,7 @@
 
 pub mod versions;
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,11 @@ pub enum StoreError {
     /// The database URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
     #[error("unsupported database URL (expected sqlite://FILE or postgres://…)")]
     UnsupportedUrl,
+    /// An in-memory SQLite database (`sqlite::memory:`, `mode=memory`): the ledger's
+    /// writer opens a second connection to the store's file, and a ledger must outlive
+    /// the process.
+    #[error("an in-memory SQLite database is not supported (give a file: sqlite://FILE)")]
+    InMemory,
     /// Connecting, querying or committing failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -56,6 +62,8 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite: the database file.
+    sqlite_file: Option<PathBuf>,
     versions: Arc<Versions>,
 }
 
@@ -66,12 +74,14 @@ impl Store {
     /// Connects to `url` (`sqlite://FILE`, created if missing, or `postgres://…`) and
     /// applies the migrations of `migrations/sqlite` or `migrations/postgres`.
     ///
-    /// SQLite runs in WAL mode on a single pooled connection: SQLite serializes writers
-    /// anyway, and one connection means a transaction never fails with `SQLITE_BUSY`
-    /// when it upgrades from reading to writing.
+    /// SQLite runs in WAL mode with one pooled connection (SQLite serializes writers
+    /// anyway); the ledger's writer thread opens a second one to the same file for the
+    /// call path's batches (`billing::ledger`, group/writer.rs). Every transaction of the
+    /// pool begins `IMMEDIATE` ([`Store::begin`]).
     ///
     /// # Errors
-    /// [`StoreError::UnsupportedUrl`] for another scheme, [`StoreError::Database`] when
+    /// [`StoreError::UnsupportedUrl`] for another scheme, [`StoreError::InMemory`] for an
+    /// in-memory SQLite database, [`StoreError::Database`] when
     /// the database cannot be opened, [`StoreError::Migrate`] when a migration fails.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
@@ -88,6 +98,16 @@ impl Store {
             (Backend::Postgres, url.to_owned())
         } else {
             return Err(StoreError::UnsupportedUrl);
+        };
+        let sqlite_file = match backend {
+            Backend::Sqlite => {
+                if url.contains(":memory:") || url.contains("mode=memory") {
+                    return Err(StoreError::InMemory);
+                }
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?;
+                Some(options.get_filename().to_owned())
+            }
+            Backend::Postgres => None,
         };
         let options = AnyConnectOptions::from_str(&url)?;
         let pool = match backend {
@@ -132,6 +152,7 @@ impl Store {
         Ok(Self {
             pool,
             backend,
+            sqlite_file,
             versions,
         })
     }
@@ -153,12 +174,25 @@ impl Store {
         self.backend
     }
 
-    /// Begins a transaction.
+    /// The SQLite database file (`None` on PostgreSQL).
+    pub fn sqlite_file(&self) -> Option<&Path> {
+        self.sqlite_file.as_deref()
+    }
+
+    /// Begins a transaction; on SQLite with `BEGIN IMMEDIATE`, which takes the
+    /// database's write lock before the first read (waiting up to the busy timeout,
+    /// 10 s): the ledger's writer holds a second connection to the file, and a deferred
+    /// transaction that read before that writer committed would fail with
+    /// `SQLITE_BUSY_SNAPSHOT` when it then writes (<https://sqlite.org/lang_transaction.html>).
     ///
     /// # Errors
-    /// [`StoreError::Database`] when no connection can be had or `BEGIN` fails.
+    /// [`StoreError::Database`] when no connection can be had or `BEGIN` fails (the
+    /// write lock stayed taken past the busy timeout).
     pub async fn begin(&self) -> Result<Tx<'static>, StoreError> {
-        Ok(self.pool.begin().await?)
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
     }
 
     /// Runs `SELECT 1`: the readiness check of `GET /readyz`.
@@ -203,5 +237,22 @@ pub fn is_check_violation(err: &sqlx::Error) -> bool {
                 || db.message().contains("CHECK constraint failed")
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ledger writer opens the store's file a second time, so an in-memory
+    /// database is refused with its own error, not opened twice as two databases.
+    #[tokio::test]
+    async fn an_in_memory_sqlite_database_is_refused() {
+        for url in ["sqlite::memory:", "sqlite://ledger.db?mode=memory"] {
+            assert!(
+                matches!(Store::connect(url).await, Err(StoreError::InMemory)),
+                "{url}"
+            );
+        }
     }
 }
