@@ -29,8 +29,8 @@
 //! `/proc/self/stat`; not the PostgreSQL server's, a process of its own) and its context
 //! switches per call (voluntary and involuntary, summed over `/proc/self/task/*/status`:
 //! each is a thread that went to sleep or was preempted), and the ratios b/a and c/a;
-//! with `--threads` also both of the latter per thread name (tokio's workers, sqlx's
-//! SQLite threads, …), to see which threads a mode wakes.
+//! with `--threads` also both of the latter per thread name (tokio's workers, the
+//! ledger's SQLite writer, sqlx's SQLite threads, …), to see which threads a mode wakes.
 //! Linux only. CPU per call is steadier than requests/s from run to run; c − a is what
 //! the marketplace itself spends on a paid call, and on two cores no more than
 //! 2 s / (c's CPU per call) calls a second can be reached, whatever the waits.
@@ -335,8 +335,9 @@ struct ThreadUse {
 /// `/proc/self/task/*/stat` fields 2, 14 and 15, and `status`'s
 /// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches`). tokio names its workers
 /// `tokio-rt-worker`, sqlx its SQLite connection threads `sqlx-sqlite-wor` (names are
-/// cut at 15 bytes). A thread that ended no longer counts, so take differences over a
-/// span in which the threads live on: tokio's workers and sqlx's.
+/// cut at 15 bytes); the ledger's SQLite writer is `ledger-writer`. A thread that ended
+/// no longer counts, so take differences over a span in which the threads live on:
+/// tokio's workers, sqlx's and the ledger writer (started by the first call).
 fn thread_use() -> Result<BTreeMap<String, ThreadUse>> {
     let mut by_name = BTreeMap::<String, ThreadUse>::new();
     for task in std::fs::read_dir("/proc/self/task").context("read /proc/self/task")? {

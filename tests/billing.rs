@@ -901,7 +901,7 @@ async fn the_billing_migration_keeps_existing_data() {
 }
 
 /// True when the store's next commit outside the ledger's batches waits for the disk:
-/// SQLite's one connection is in `synchronous = FULL` (2), PostgreSQL's
+/// SQLite's pooled connection is in `synchronous = FULL` (2), PostgreSQL's
 /// `synchronous_commit` is `on`.
 async fn commits_durably(b: &Books, backend: Backend) -> bool {
     let pool = b.store.pool();
@@ -918,10 +918,10 @@ async fn commits_durably(b: &Books, backend: Backend) -> bool {
 }
 
 /// Reservations and refunds commit without waiting for their flush (docs/ledger.md
-/// "Durability"); what comes after them is durable again: SQLite's one connection is
-/// back in `synchronous = FULL` (2) after every such batch (a refused one included),
-/// and PostgreSQL's
-/// `synchronous_commit` stays `on` outside the ledger's own transactions.
+/// "Durability"); nothing else commits relaxed: SQLite's pooled connection stays in
+/// `synchronous = FULL` (2) through every such batch (a refused one included; the
+/// ledger writer relaxes only its own connection, per batch: its unit test), and
+/// PostgreSQL's `synchronous_commit` stays `on` outside the ledger's own transactions.
 #[tokio::test]
 async fn relaxed_reservations_leave_every_later_commit_durable() {
     for backend in backends() {

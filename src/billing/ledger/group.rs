@@ -1,34 +1,41 @@
 //! Group commit of the call path's ledger writes, on both backends.
 //!
 //! # Why
-//! SQLite has one writer and the store one connection; with `synchronous = FULL` every
-//! commit waits for an fsync of the write-ahead log. One transaction per reserve and
-//! one per settle would cap the marketplace at `1 / (2 × fsync)` paid calls per second
-//! and queue every other statement behind those fsyncs. On PostgreSQL every reserve and
-//! every settle moves the one `holds` account, so one transaction per operation holds
-//! that row's lock through a dozen round trips and its commit's WAL flush: every call
-//! of every account waited for the one before it (0.02× the direct call's rate at 32
-//! connections, README "Performance").
+//! SQLite has one writer; with `synchronous = FULL` every commit waits for an fsync of
+//! the write-ahead log. One transaction per reserve and one per settle would cap the
+//! marketplace at `1 / (2 × fsync)` paid calls per second and queue every other write
+//! behind those fsyncs. On PostgreSQL every reserve and every settle moves the one
+//! `holds` account, so one transaction per operation holds that row's lock through a
+//! dozen round trips and its commit's WAL flush: every call of every account waited for
+//! the one before it (0.02× the direct call's rate at 32 connections, README
+//! "Performance").
 //!
 //! # How
-//! A call's [`Ledger::reserve`], [`Ledger::settle`] and [`Ledger::refund`] put an
-//! [`Op`] in a queue and wait for its answer. Whoever takes the leader lock first
-//! becomes the leader: it takes up to [`MAX_BATCH`] queued operations (its own among
-//! them), and runs them, in queue order, in **one** transaction, then commits once.
-//! While that commit waits on its fsync the next operations queue up and form the next
-//! batch, so the batch size follows the load by itself (one operation when idle: no
-//! added latency, no timer).
+//! A call's [`Ledger::reserve`], [`Ledger::settle`] and [`Ledger::refund`] hand an
+//! [`Op`] to the group commit and wait for its answer. The operations waiting form a
+//! batch of up to [`MAX_BATCH`] ([`PG_MAX_BATCH`] on PostgreSQL), run in queue order in
+//! **one** transaction with one commit. While a batch commits the next operations queue
+//! up and form the next batch, so the batch size follows the load by itself (one
+//! operation when idle: no added latency, no timer).
+//!
+//! - **SQLite**: the ledger writer (`writer.rs`), a thread of its own with its own
+//!   connection to the database file (rusqlite), takes the operations from a channel and
+//!   runs each batch whole on that thread: a batch costs the caller one hand-off to the
+//!   thread and one back, not a hand-off per statement to sqlx's worker thread and the
+//!   ping sqlx sends as the pool's connection goes back (six per paid call before).
+//! - **PostgreSQL**: operations wait in a queue; whoever takes the leader lock first
+//!   becomes the leader and runs up to [`PG_MAX_BATCH`] queued operations (its own among
+//!   them) in a task of its own.
 //!
 //! A batch runs set-wise first ([`bulk`]): the transaction opens and one read returns
 //! everything its checks need, every operation is decided in memory in queue order,
-//! then one write sends its rows (two round trips on SQLite, where each is a hop to
-//! sqlx's worker thread; four on PostgreSQL), so a batch costs the same few round trips
-//! whatever its size (one operation after the other cost about a dozen statements per
-//! call). When the set-wise run meets what its in-memory checks do not model (a missing
-//! ledger account, a duplicate call id, a constraint failing in the write), it rolls
-//! back and the batch runs again one operation at a time, each inside its own
-//! `SAVEPOINT`, which gives every operation its exact error.
-//! `mcp_marketplace_ledger_batches_total{mode}` counts both.
+//! then the writes send its rows, so a batch costs the same few statements whatever its
+//! size (one operation after the other cost about a dozen statements per call). When
+//! the set-wise run meets what its in-memory checks do not model (a missing ledger
+//! account, a duplicate call id, a constraint failing in the write), it rolls back and
+//! the batch runs again one operation at a time through sqlx (on SQLite on the store's
+//! pooled connection), each inside its own `SAVEPOINT`, which gives every operation its
+//! exact error. `mcp_marketplace_ledger_batches_total{mode}` counts both.
 //!
 //! On PostgreSQL, where several replicas share the database, every batch transaction
 //! first takes one advisory lock (`pg_batch_lock!` in `bulk`), so batches run one after
@@ -45,8 +52,8 @@
 //!   told "settled" only once its settlement is on disk; a crash before that loses the
 //!   whole batch and no caller was answered (the holds of reserved calls are refunded by
 //!   the sweep, as after any crash). A batch of reservations and refunds only commits
-//!   relaxed (SQLite `synchronous = NORMAL`, the connection going back to `FULL` before
-//!   anything else may use it; PostgreSQL `SET LOCAL synchronous_commit TO OFF`): it is
+//!   relaxed (SQLite: the writer's connection in `synchronous = NORMAL` for that batch,
+//!   which only the writer uses; PostgreSQL `SET LOCAL synchronous_commit TO OFF`): it is
 //!   atomic, survives a crash of the process, and is made durable by the next durable
 //!   commit (the write-ahead log is flushed in order). A power loss can lose such a
 //!   batch whole, which charges nothing: a lost reservation is a call never charged, a
@@ -61,22 +68,24 @@
 //!   batch's writes; one at a time: it is rolled back to its savepoint); the others
 //!   commit. When the batch itself fails (`BEGIN`, a savepoint or `COMMIT`), nothing of
 //!   it is written and every operation of it gets [`BillingError::Commit`].
-//! - **No cancellation hazard.** The batch runs in its own task, so a caller whose
-//!   future is dropped (a cancelled MCP request) cannot abort a commit others wait on.
+//! - **No cancellation hazard.** The batch runs on the writer's thread (SQLite) or in a
+//!   task of its own (PostgreSQL), so a caller whose future is dropped (a cancelled MCP
+//!   request) cannot abort a commit others wait on.
 
 use std::sync::{Arc, Mutex};
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Acquire, Any};
+use sqlx::{Acquire, Any, Connection};
 use tokio::sync::oneshot;
 
 use super::{BillingError, CallStats, Ledger, Outcome, Reservation};
 use crate::store::{Backend, Store, Tx};
 
 mod bulk;
+mod writer;
 
-/// Most operations in one batch (bounds the transaction's size and the time the single
-/// SQLite connection is held: a few milliseconds).
+/// Most operations in one batch on SQLite (bounds the transaction's size and the time
+/// SQLite's write lock is held: a few milliseconds).
 pub const MAX_BATCH: usize = 256;
 
 /// Most operations in one batch on PostgreSQL. sqlx 0.9.0 leaves Nagle's algorithm on
@@ -110,10 +119,15 @@ struct Job {
     reply: oneshot::Sender<Result<i64, BillingError>>,
 }
 
-/// The queue and the leader lock of one [`Ledger`] (shared by its clones).
+/// The group commit of one [`Ledger`] (shared by its clones): on SQLite the ledger
+/// writer's thread (`writer.rs`), on PostgreSQL the queue and the leader lock.
 #[derive(Default)]
 pub(super) struct GroupCommit {
+    /// SQLite: the writer thread, started by the first operation (and again if it died).
+    writer: Mutex<Option<writer::Writer>>,
+    /// PostgreSQL: the operations waiting for a batch.
     queue: Mutex<Vec<Job>>,
+    /// PostgreSQL: held by the task running a batch.
     leader: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -121,6 +135,12 @@ impl std::fmt::Debug for GroupCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GroupCommit").finish_non_exhaustive()
     }
+}
+
+/// The error of an operation whose batch died (a panic) before answering: nothing of
+/// the batch was committed.
+fn abandoned() -> BillingError {
+    BillingError::Commit("the batch was abandoned".into())
 }
 
 impl GroupCommit {
@@ -132,13 +152,56 @@ impl GroupCommit {
         at: i64,
     ) -> Result<i64, BillingError> {
         let store = ledger.store.clone();
-        let (reply, mut answer) = oneshot::channel();
-        self.lock_queue().push(Job {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
             ledger,
             op,
             at,
             reply,
-        });
+        };
+        match store.backend() {
+            Backend::Sqlite => {
+                self.send_to_writer(&store, job)?;
+                // Closed: the writer died (a panic) before answering.
+                answer.await.unwrap_or_else(|_| Err(abandoned()))
+            }
+            Backend::Postgres => self.lead(store, job, answer).await,
+        }
+    }
+
+    /// Hands `job` to the SQLite writer thread, starting one when there is none or the
+    /// last one died.
+    fn send_to_writer(&self, store: &Store, job: Job) -> Result<(), BillingError> {
+        let mut writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let job = match writer.as_ref() {
+            Some(running) => match running.send(job) {
+                Ok(()) => return Ok(()),
+                Err(job) => *job,
+            },
+            None => job,
+        };
+        let started = writer::Writer::start(store.clone()).map_err(|e| {
+            BillingError::Commit(format!("the ledger writer thread could not start: {e}"))
+        })?;
+        let sent = started.send(job);
+        *writer = Some(started);
+        // A writer that died at once drops the job's reply; the caller sees `abandoned`.
+        drop(sent);
+        Ok(())
+    }
+
+    /// PostgreSQL: queues `job`, then waits for its answer or for the leader lock, and
+    /// leads the next batch when it gets the lock first.
+    async fn lead(
+        &self,
+        store: Store,
+        job: Job,
+        mut answer: oneshot::Receiver<Result<i64, BillingError>>,
+    ) -> Result<i64, BillingError> {
+        self.lock_queue().push(job);
         loop {
             // Wait for the answer and for the leader lock at once: an operation whose
             // batch committed returns at once rather than queueing for the lock behind
@@ -149,34 +212,26 @@ impl GroupCommit {
                 biased;
                 result = &mut answer => {
                     // Closed: the batch holding it died (a panic), nothing of it committed.
-                    return result.unwrap_or_else(|_| {
-                        Err(BillingError::Commit("the batch was abandoned".into()))
-                    });
+                    return result.unwrap_or_else(|_| Err(abandoned()));
                 }
                 guard = self.leader.clone().lock_owned() => guard,
             };
             match answer.try_recv() {
                 Ok(result) => return result,
                 // The batch holding it died (a panic): nothing of it was committed.
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    return Err(BillingError::Commit("the batch was abandoned".into()));
-                }
+                Err(oneshot::error::TryRecvError::Closed) => return Err(abandoned()),
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
             // Still queued: lead the next batch (it holds this operation unless more
-            // than MAX_BATCH were queued before it; then loop).
+            // than PG_MAX_BATCH were queued before it; then loop).
             let jobs = {
                 let mut queue = self.lock_queue();
-                let most = match store.backend() {
-                    Backend::Sqlite => MAX_BATCH,
-                    Backend::Postgres => PG_MAX_BATCH,
-                };
-                let n = queue.len().min(most);
+                let n = queue.len().min(PG_MAX_BATCH);
                 queue.drain(..n).collect::<Vec<_>>()
             };
             let store = store.clone();
             let batch = tokio::spawn(async move {
-                run_batch(&store, jobs).await;
+                run_postgres_batch(&store, jobs).await;
                 drop(guard);
             });
             // A panic in the batch drops its replies; the next try_recv sees Closed.
@@ -190,64 +245,6 @@ impl GroupCommit {
         self.queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// The connection of one batch and, on SQLite, its synchronous mode during the batch;
-/// on drop without [`SyncMode::restore`] (a failed restore, a panic) a relaxed SQLite
-/// connection is closed rather than returned to the pool in a weaker mode (a new one
-/// opens with `FULL`). On PostgreSQL a batch relaxes only its own transaction (`SET
-/// LOCAL`), so the connection is never left relaxed.
-struct SyncMode {
-    conn: PoolConnection<Any>,
-    backend: Backend,
-    relaxed: bool,
-}
-
-impl SyncMode {
-    /// Takes a connection of the store (SQLite: its one connection, in `FULL` mode).
-    async fn take(store: &Store) -> Result<Self, sqlx::Error> {
-        let conn = store.pool().acquire().await?;
-        Ok(Self {
-            conn,
-            backend: store.backend(),
-            relaxed: false,
-        })
-    }
-
-    /// On SQLite, when `relax`, sets `synchronous = NORMAL`: a commit then returns
-    /// without waiting for the fsync, and is made durable by the next commit in `FULL`
-    /// mode (the write-ahead log is written and synced in order). Nothing on
-    /// PostgreSQL (see [`run_in_transaction`]).
-    async fn relax(&mut self, relax: bool) -> Result<(), sqlx::Error> {
-        if relax && !self.relaxed && self.backend == Backend::Sqlite {
-            self.relaxed = true;
-            sqlx::raw_sql("PRAGMA synchronous = NORMAL")
-                .execute(&mut *self.conn)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Puts the connection back in `FULL` mode before it returns to the pool, unless it
-    /// is already (a relaxed set-wise batch does it in its `COMMIT`'s round trip).
-    async fn restore(mut self) {
-        if self.relaxed
-            && sqlx::raw_sql("PRAGMA synchronous = FULL")
-                .execute(&mut *self.conn)
-                .await
-                .is_ok()
-        {
-            self.relaxed = false;
-        }
-    }
-}
-
-impl Drop for SyncMode {
-    fn drop(&mut self) {
-        if self.relaxed {
-            self.conn.close_on_drop();
-        }
     }
 }
 
@@ -265,49 +262,61 @@ fn needs_durability(op: &Op) -> bool {
     )
 }
 
-/// Runs `jobs` in one transaction and commits once, then answers each. The commit waits
-/// for its fsync (`synchronous = FULL`) only when a job of the batch settles a call.
+/// Runs `jobs` (PostgreSQL) in one transaction and commits once, then answers each. The
+/// commit waits for the disk (`synchronous_commit` on) only when a job of the batch
+/// settles a call.
 ///
-/// First set-wise ([`bulk`]: one read, the checks in memory, one write); when that
-/// gives up, the transaction is rolled back and the batch runs again one operation at
-/// a time, each in a savepoint, which gives every operation its own exact error.
-async fn run_batch(store: &Store, jobs: Vec<Job>) {
+/// First set-wise ([`bulk::run_postgres`]: one read, the checks in memory, one write);
+/// when that gives up, the transaction is rolled back and the batch runs again one
+/// operation at a time, each in a savepoint, which gives every operation its own exact
+/// error.
+async fn run_postgres_batch(store: &Store, jobs: Vec<Job>) {
     if jobs.is_empty() {
         return;
     }
     let relax = !jobs.iter().any(|j| needs_durability(&j.op));
-    let mut mode = match SyncMode::take(store).await {
-        Ok(mode) => mode,
+    let mut conn = match store.pool().acquire().await {
+        Ok(conn) => conn,
         Err(e) => return fail_all(jobs, &e.to_string()),
     };
-    // A lone operation on PostgreSQL runs as its statements: there each statement is a
-    // network round trip to a server that answers small ones in microseconds, and the
-    // set-wise form's four larger statements took longer than one operation's dozen
-    // small ones (ledger bench, one call alone: 1.9–2.1 ms per reserve+settle against
-    // 1.5 ms). Batches of two and more run set-wise.
-    let answers = if mode.backend == Backend::Postgres && jobs.len() == 1 {
-        metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "per_operation")
-            .increment(1);
-        run_in_transaction(&mut mode.conn, mode.backend, &jobs, relax).await
+    // A lone operation runs as its statements: there each statement is a network round
+    // trip to a server that answers small ones in microseconds, and the set-wise form's
+    // four larger statements took longer than one operation's dozen small ones (ledger
+    // bench, one call alone: 1.9–2.1 ms per reserve+settle against 1.5 ms). Batches of
+    // two and more run set-wise.
+    let answers = if jobs.len() == 1 {
+        count_batch("per_operation");
+        run_in_transaction(&mut conn, Backend::Postgres, &jobs, relax).await
     } else {
-        match run_set_wise(&mut mode, &jobs, relax).await {
+        let outcome = bulk::run_postgres(&mut conn, &jobs, relax).await;
+        if outcome.is_err() && sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
+            // No transaction was open (BEGIN failed), or the connection is in an
+            // unknown state: close it rather than hand it to anyone.
+            conn.close_on_drop();
+        }
+        match outcome {
             Ok(results) => {
-                metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "set")
-                    .increment(1);
+                count_batch("set");
                 Ok(results)
             }
             Err(bulk::Fallback(why)) => {
                 tracing::debug!(reason = %why, operations = jobs.len(), "ledger batch runs one operation at a time");
-                metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => "per_operation")
-                    .increment(1);
-                match mode.relax(relax).await {
-                    Ok(()) => run_in_transaction(&mut mode.conn, mode.backend, &jobs, relax).await,
-                    Err(e) => Err(e.to_string()),
-                }
+                count_batch("per_operation");
+                run_in_transaction(&mut conn, Backend::Postgres, &jobs, relax).await
             }
         }
     };
-    mode.restore().await;
+    answer_all(jobs, answers);
+}
+
+/// Counts one batch run in `mode` (`set` or `per_operation`):
+/// `mcp_marketplace_ledger_batches_total{mode}`.
+fn count_batch(mode: &'static str) {
+    metrics::counter!("mcp_marketplace_ledger_batches_total", "mode" => mode).increment(1);
+}
+
+/// Sends each job its result, or every job the batch's failure.
+fn answer_all(jobs: Vec<Job>, answers: Result<Vec<Result<i64, BillingError>>, String>) {
     match answers {
         Ok(results) => {
             for (job, result) in jobs.into_iter().zip(results) {
@@ -319,47 +328,35 @@ async fn run_batch(store: &Store, jobs: Vec<Job>) {
     }
 }
 
-/// The set-wise run of a batch ([`bulk::run`]). On any failure before its `COMMIT`
-/// returned, rolls back (a connection that cannot roll back is closed) and returns
-/// [`bulk::Fallback`]; nothing of the batch is then written. A failed `COMMIT` is rolled
-/// back the same way: SQLite leaves the transaction open when a `COMMIT` fails.
-async fn run_set_wise(
-    mode: &mut SyncMode,
-    jobs: &[Job],
-    relax: bool,
-) -> Result<Vec<Result<i64, BillingError>>, bulk::Fallback> {
-    // Marked before the round trip: if the pragma ran and what follows failed, the
-    // connection is relaxed all the same.
-    mode.relaxed |= relax && mode.backend == Backend::Sqlite;
-    let outcome = bulk::run(&mut mode.conn, mode.backend, jobs, relax).await;
-    if outcome.is_ok() {
-        // Its `COMMIT`'s round trip put the connection back in `FULL` mode.
-        mode.relaxed = false;
-    }
-    if outcome.is_err()
-        && sqlx::raw_sql("ROLLBACK")
-            .execute(&mut *mode.conn)
-            .await
-            .is_err()
-    {
-        // No transaction was open (BEGIN failed), or the connection is in an unknown
-        // state: close it rather than hand it to anyone (a new one opens in FULL mode).
-        mode.conn.close_on_drop();
-    }
-    outcome
+/// SQLite: runs `jobs` one operation at a time, each in a savepoint, in one durable
+/// transaction on the store's pooled connection (the writer's set-wise run gave up on
+/// them and rolled back), and answers each.
+async fn run_sqlite_one_at_a_time(store: &Store, jobs: Vec<Job>) {
+    count_batch("per_operation");
+    let answers = match store.pool().acquire().await {
+        Ok(mut conn) => run_in_transaction(&mut conn, Backend::Sqlite, &jobs, false).await,
+        Err(e) => Err(e.to_string()),
+    };
+    answer_all(jobs, answers);
 }
 
 /// The jobs' results once their transaction committed (a lone failed job: rolled back,
-/// and its error is the result), or why the whole batch failed. On PostgreSQL the
-/// transaction takes the batch lock first and, when `relax`, does not wait for the
-/// disk at its commit (`SET LOCAL synchronous_commit TO OFF`).
+/// and its error is the result), or why the whole batch failed. On SQLite the
+/// transaction is `BEGIN IMMEDIATE` (the ledger writer holds a second connection to the
+/// file; see `Store::begin`). On PostgreSQL the transaction takes the batch lock first
+/// and, when `relax`, does not wait for the disk at its commit (`SET LOCAL
+/// synchronous_commit TO OFF`).
 async fn run_in_transaction(
     conn: &mut PoolConnection<Any>,
     backend: Backend,
     jobs: &[Job],
     relax: bool,
 ) -> Result<Vec<Result<i64, BillingError>>, String> {
-    let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
+    let mut tx = match backend {
+        Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await,
+        Backend::Postgres => conn.begin().await,
+    }
+    .map_err(|e| e.to_string())?;
     if backend == Backend::Postgres {
         sqlx::raw_sql(bulk::pg_lock(relax))
             .execute(&mut *tx)
@@ -384,8 +381,8 @@ async fn run_in_transaction(
         let result = run_op(&mut tx, job).await;
         if result.is_err() {
             if alone {
-                // Nothing of it may stay: roll back (a failed rollback leaves the
-                // connection in a transaction; `SyncMode` then closes it).
+                // Nothing of it may stay: roll back (if that fails, sqlx rolls back
+                // again before the connection's next use).
                 let _ = tx.rollback().await;
                 return Ok(vec![result]);
             }

@@ -3,16 +3,18 @@
 //! result.
 //!
 //! # Why
-//! Run one operation after the other, a paid call costs about a dozen statements, and
-//! on SQLite each statement is a round trip to sqlx's worker thread for the connection
-//! (a thread wake-up each way). A batch of 32 calls took some 400 round trips; set-wise
-//! it takes two whatever its size: `BEGIN IMMEDIATE` with one multi-statement read, and
-//! one multi-statement write with `COMMIT` (and, after a relaxed batch, the `PRAGMA`
-//! that puts the connection back in `FULL` mode).
+//! Run one operation after the other, a paid call costs about a dozen statements (the
+//! key's spend, the plan, the quota counter, the guarded debit, the call row, the
+//! transfer, its entries, the balances, a savepoint each). Set-wise, a batch costs the
+//! same few statements whatever its size: on SQLite ([`run_sqlite`], on the ledger
+//! writer's thread, `writer.rs`) `BEGIN IMMEDIATE`, one read, the writes that have rows
+//! and `COMMIT`, each a call into the SQLite library on that thread; on PostgreSQL
+//! ([`run_postgres`]) four network round trips.
 //!
 //! # Why it decides exactly as the statements one by one would
-//! `BEGIN IMMEDIATE` takes SQLite's write lock before the read, and the store has one
-//! connection, so nothing but this batch changes the rows between the read and the
+//! The read runs under the batch's write lock (SQLite: `BEGIN IMMEDIATE` takes the
+//! database's one write lock before it; PostgreSQL: the batch lock, and `FOR UPDATE` on
+//! the ledger accounts), so nothing else changes the rows between the read and the
 //! write. The in-memory checks are the SQL ones: the key's spend limits (the sum of the
 //! key's non-refunded prices since the period start), the plan's monthly quota (the
 //! guarded counter), the guarded wallet debit, the low-balance crossing, the
@@ -21,7 +23,7 @@
 //!
 //! # When it gives up
 //! Anything the in-memory checks do not model (a missing ledger account or server, a
-//! duplicate call id, a CHECK or foreign key failing in the write) makes [`run`] return
+//! duplicate call id, a CHECK or foreign key failing in the write) makes the run return
 //! [`Fallback`]; the caller rolls back and runs the batch one operation at a time with a
 //! savepoint each, which gives every operation its own exact error.
 
@@ -37,7 +39,6 @@ use crate::billing::ledger::{
 };
 use crate::billing::period::Month;
 use crate::billing::pricing::split_price;
-use crate::store::Backend;
 
 /// Why the set-wise run did not answer the batch: the caller rolls back and runs it one
 /// operation at a time. Carries the reason, for the log.
@@ -50,15 +51,19 @@ impl From<sqlx::Error> for Fallback {
     }
 }
 
+impl From<rusqlite::Error> for Fallback {
+    fn from(e: rusqlite::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
 /// Everything the batch's checks read, as one row holding one JSON object (one row
-/// rather than one per call: sqlx hands every row over from its worker thread as a
-/// message of its own). `$1` the finished calls' ids, `$2` the reserving wallets, `$3`
+/// rather than one per call, so that PostgreSQL's twin [`PG_LOAD`] is one message).
+/// `$1` the finished calls' ids, `$2` the reserving wallets, `$3`
 /// the reserving accounts, `$4` the latest `at` of the batch, `$5` `[account, month]`
 /// of the reservations, `$6` `[key, since]` of the spend limits to check; see [`Loaded`]
 /// for what comes back.
-macro_rules! load_sql {
-    () => {
-        "\
+const SQLITE_LOAD: &str = "\
 SELECT json_object( \
  'calls', (SELECT json_group_array(jsonb_array(id, status, account_id, key_id, server_id, \
  price_micros, creator_micros, fee_micros, created_at)) FROM calls \
@@ -76,16 +81,13 @@ SELECT json_object( \
  WHERE key_id = json_extract(j.value, '$[0]') AND created_at >= json_extract(j.value, '$[1]') \
  AND status <> 'refunded'))) FROM jsonb_each($6) AS j), \
  'owners', (SELECT json_group_array(jsonb_array(id, owner_account_id)) FROM servers \
- WHERE id IN (SELECT server_id FROM calls WHERE id IN (SELECT value FROM json_each($1))))) \
-"
-    };
-}
+ WHERE id IN (SELECT server_id FROM calls WHERE id IN (SELECT value FROM json_each($1)))))";
 
-/// A call as [`load_sql!`] returns it: `[id, status, account, key, server, price,
+/// A call as [`SQLITE_LOAD`] returns it: `[id, status, account, key, server, price,
 /// creator, fee, created_at]`.
 type LoadedCall = (String, String, String, String, String, i64, i64, i64, i64);
 
-/// The row of [`load_sql!`].
+/// The row of [`SQLITE_LOAD`].
 #[derive(serde::Deserialize)]
 struct Loaded {
     /// See [`LoadedCall`].
@@ -101,14 +103,6 @@ struct Loaded {
     /// `[server, owner account]`.
     owners: Vec<(String, String)>,
 }
-
-/// [`load_sql!`] opening the batch's transaction in the same round trip.
-const BEGIN_AND_LOAD: &str = concat!("BEGIN IMMEDIATE; ", load_sql!());
-/// [`BEGIN_AND_LOAD`] after relaxing the connection (see `SyncMode` in group.rs).
-const RELAX_BEGIN_AND_LOAD: &str = concat!(
-    "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; ",
-    load_sql!()
-);
 
 /// The batch lock of PostgreSQL: an advisory lock held until the transaction ends
 /// (`pg_advisory_xact_lock`, key 0x6d6b745f6c656467, "mkt_ledg" in ASCII). Batches of
@@ -159,7 +153,7 @@ pub(super) fn pg_lock(relax: bool) -> &'static str {
     }
 }
 
-/// [`load_sql!`] for PostgreSQL, the same row from the same arguments (JSON text, cast
+/// [`SQLITE_LOAD`] for PostgreSQL, the same row from the same arguments (JSON text, cast
 /// to `jsonb`) and `$7`, the platform's ledger accounts a batch moves (`holds`, platform
 /// revenue). It runs after the batch lock was taken, in its own statement, so its
 /// snapshot holds every earlier batch. It locks every ledger account the batch may
@@ -201,7 +195,7 @@ SELECT json_build_object( \
  WHERE id = ANY(ARRAY(SELECT server_id FROM calls WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb))))))\
 )::text";
 
-/// [`write_sql!`] for PostgreSQL: one statement whose data-modifying `WITH` parts all
+/// [`SQLITE_WRITES`] for PostgreSQL: one statement whose data-modifying `WITH` parts all
 /// run (foreign keys are checked at its end), fed the same seven arrays. `COMMIT`
 /// follows in its own round trip (a statement with parameters cannot hold two).
 const PG_WRITE: &str = "\
@@ -228,8 +222,8 @@ INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
  SELECT e->>0, e->>1, (e->>2)::bigint, (e->>3)::bigint FROM jsonb_array_elements($7::jsonb) AS e \
  ON CONFLICT (account_id, month) DO UPDATE SET calls = excluded.calls, spent_micros = excluded.spent_micros";
 
-/// Everything the batch writes (seven statements, each fed one JSON array of rows; an
-/// empty array writes nothing). `jsonb_each` (SQLite 3.45+) hands each row over as a
+/// Everything the batch writes (seven statements, each fed one JSON array of rows as
+/// `?1`; a part whose array is empty is not run). `jsonb_each` (SQLite 3.45+) hands each row over as a
 /// JSONB blob, so the `json_extract`s of its columns do not parse its text again
 /// (`json_each` did, once per column: a fifth of a batch's time in `perf`).
 ///
@@ -238,50 +232,45 @@ INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
 /// reserved call (quadratic: 22 ms for a batch of 256 settlements). The in-memory guard
 /// decided that every call is still reserved, and the `calls_append_only` trigger
 /// aborts the update of a finished call (which sends the batch to the fallback).
-macro_rules! write_sql {
-    () => {
-        "\
+const SQLITE_WRITES: [&str; 7] = [
+    "\
 INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, \
  fee_micros, status, hold_expires_at, created_at, request_bytes) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), \
  json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), \
  json_extract(value, '$[6]'), json_extract(value, '$[7]'), 'reserved', json_extract(value, '$[8]'), \
- json_extract(value, '$[9]'), json_extract(value, '$[10]') FROM jsonb_each($1); \
+ json_extract(value, '$[9]'), json_extract(value, '$[10]') FROM jsonb_each(?1)",
+    "\
 UPDATE calls SET status = j.status, error_kind = j.error_kind, finished_at = j.finished_at, \
  latency_ms = j.latency_ms, response_bytes = j.response_bytes \
  FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS status, \
  json_extract(value, '$[2]') AS error_kind, json_extract(value, '$[3]') AS finished_at, \
  json_extract(value, '$[4]') AS latency_ms, json_extract(value, '$[5]') AS response_bytes \
- FROM jsonb_each($2)) AS j WHERE calls.id = j.id; \
+ FROM jsonb_each(?1)) AS j WHERE calls.id = j.id",
+    "\
 INSERT INTO ledger_transfers (id, kind, call_id, amount, memo, created_at) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), \
- json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]') FROM jsonb_each($3); \
+ json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]') FROM jsonb_each(?1)",
+    "\
 INSERT INTO ledger_entries (transfer_id, ledger_account_id, amount) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') \
- FROM jsonb_each($4); \
+ FROM jsonb_each(?1)",
+    "\
 UPDATE ledger_accounts SET balance = balance + j.delta, \
  low_balance_alerted = CASE WHEN j.alerted THEN 1 ELSE low_balance_alerted END \
  FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS delta, \
- json_extract(value, '$[2]') AS alerted FROM jsonb_each($5)) AS j \
- WHERE ledger_accounts.id = j.id; \
+ json_extract(value, '$[2]') AS alerted FROM jsonb_each(?1)) AS j \
+ WHERE ledger_accounts.id = j.id",
+    "\
 INSERT INTO balance_alerts (id, account_id, kind, threshold_micros, balance_micros, call_id, created_at) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 'low_balance', json_extract(value, '$[2]'), \
- json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]') FROM jsonb_each($6); \
+ json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]') FROM jsonb_each(?1)",
+    "\
 INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), \
- json_extract(value, '$[3]') FROM jsonb_each($7) WHERE true \
- ON CONFLICT (account_id, month) DO UPDATE SET calls = excluded.calls, spent_micros = excluded.spent_micros"
-    };
-}
-
-/// [`write_sql!`] and the batch's `COMMIT`, in one round trip: if any statement fails,
-/// the ones after it (the `COMMIT` among them) do not run.
-const WRITE_AND_COMMIT: &str = concat!(write_sql!(), "; COMMIT");
-/// [`WRITE_AND_COMMIT`] of a relaxed batch: then the connection goes back to
-/// `synchronous = FULL` in the same round trip (it runs only when the `COMMIT` did).
-const RELAXED_WRITE_AND_COMMIT: &str = concat!(write_sql!(), "; COMMIT; PRAGMA synchronous = FULL");
-/// The `COMMIT` of a batch that writes nothing, relaxed: as [`RELAXED_WRITE_AND_COMMIT`].
-const RELAXED_COMMIT: &str = "COMMIT; PRAGMA synchronous = FULL";
+ json_extract(value, '$[3]') FROM jsonb_each(?1) WHERE true \
+ ON CONFLICT (account_id, month) DO UPDATE SET calls = excluded.calls, spent_micros = excluded.spent_micros",
+];
 
 /// A call row as the batch found it (and as its earlier operations left it).
 struct CallRow {
@@ -323,7 +312,7 @@ struct State {
     owners: HashMap<String, String>,
 }
 
-/// The rows the batch writes, as the JSON arrays [`write_sql!`] reads.
+/// The rows the batch writes, as the JSON arrays [`SQLITE_WRITES`] reads.
 #[derive(Default)]
 struct Writes {
     new_calls: Vec<Value>,
@@ -338,40 +327,110 @@ struct Writes {
     usage: BTreeSet<(String, String)>,
 }
 
-/// Runs `jobs` set-wise in one transaction on `conn`, every operation decided in memory
-/// in queue order between one read and one write, and returns each job's result once
-/// the `COMMIT` returned. When `relax`, the commit does not wait for the disk (SQLite:
-/// `PRAGMA synchronous = NORMAL` first; PostgreSQL: `SET LOCAL synchronous_commit TO
-/// OFF`).
-///
-/// Round trips: SQLite two (`BEGIN IMMEDIATE` with the read; the writes with `COMMIT`);
-/// PostgreSQL four (`BEGIN` with [`pg_batch_lock!`]; the read; the write; `COMMIT`).
-/// A relaxed SQLite batch that returns `Ok` has put its connection back in `FULL` mode
-/// already (in the round trip of its `COMMIT`); one that fails may have left it relaxed.
+/// Runs `jobs` set-wise on SQLite, on the ledger writer's own connection (`writer.rs`):
+/// `BEGIN IMMEDIATE`, the read, every operation decided in memory in queue order, the
+/// writes and `COMMIT`, all on the calling thread (SQLite is a library: no hand-off per
+/// statement). When `relax`, the connection must be in `synchronous = NORMAL` already
+/// (the writer sets each batch's mode before it begins).
 ///
 /// # Errors
 /// [`Fallback`] when a statement fails or the batch holds something the in-memory
 /// checks do not model; nothing was committed, and the transaction may still be open
 /// with partial writes: the caller must roll it back.
-pub(super) async fn run(
+pub(super) fn run_sqlite(
+    conn: &rusqlite::Connection,
+    jobs: &[Job],
+) -> Result<Vec<Result<i64, BillingError>>, Fallback> {
+    let args = LoadArgs::of(jobs);
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let text: String = conn.prepare_cached(SQLITE_LOAD)?.query_row(
+        rusqlite::named_params! {
+            "$1": args.finished,
+            "$2": args.wallets,
+            "$3": args.accounts,
+            "$4": args.latest,
+            "$5": args.months,
+            "$6": args.limits_json,
+        },
+        |row| row.get(0),
+    )?;
+    let mut state = State::read(&text, &args.limits)?;
+    let (results, writes) = decide(&mut state, jobs)?;
+    if let Some(rows) = write_rows(&state, writes) {
+        for (sql, rows) in SQLITE_WRITES.iter().zip(rows) {
+            // `[]`: this part has nothing to write in this batch.
+            if rows != "[]" {
+                conn.prepare_cached(sql)?.execute([rows])?;
+            }
+        }
+    }
+    conn.execute_batch("COMMIT")?;
+    remember_owners(jobs, state);
+    Ok(results)
+}
+
+/// Runs `jobs` set-wise on PostgreSQL in one transaction on `conn`, every operation
+/// decided in memory in queue order between one read and one write, and returns each
+/// job's result once the `COMMIT` returned. When `relax`, the commit does not wait for
+/// the disk (`SET LOCAL synchronous_commit TO OFF`).
+///
+/// Four round trips: `BEGIN` with [`pg_batch_lock!`]; the read; the write; `COMMIT`.
+///
+/// # Errors
+/// [`Fallback`] when a statement fails or the batch holds something the in-memory
+/// checks do not model; nothing was committed, and the transaction may still be open
+/// with partial writes: the caller must roll it back.
+pub(super) async fn run_postgres(
     conn: &mut AnyConnection,
-    backend: Backend,
     jobs: &[Job],
     relax: bool,
 ) -> Result<Vec<Result<i64, BillingError>>, Fallback> {
-    let mut state = load(conn, backend, jobs, relax).await?;
+    let args = LoadArgs::of(jobs);
+    let begin = if relax { PG_BEGIN_RELAXED } else { PG_BEGIN };
+    sqlx::raw_sql(begin).execute(&mut *conn).await?;
+    let row = sqlx::query(PG_LOAD)
+        .bind(args.finished)
+        .bind(args.wallets)
+        .bind(args.accounts)
+        .bind(args.latest)
+        .bind(args.months)
+        .bind(args.limits_json)
+        .bind(json!([HOLDS, PLATFORM_REVENUE]).to_string())
+        .fetch_one(&mut *conn)
+        .await?;
+    let text: String = row.try_get(0)?;
+    let mut state = State::read(&text, &args.limits)?;
+    let (results, writes) = decide(&mut state, jobs)?;
+    if let Some(rows) = write_rows(&state, writes) {
+        let mut query = sqlx::query(PG_WRITE);
+        for rows in rows {
+            query = query.bind(rows);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    sqlx::raw_sql("COMMIT").execute(conn).await?;
+    remember_owners(jobs, state);
+    Ok(results)
+}
+
+/// Decides every job in queue order, each seeing what those before it changed: each
+/// job's result, and the rows the batch writes.
+fn decide(
+    state: &mut State,
+    jobs: &[Job],
+) -> Result<(Vec<Result<i64, BillingError>>, Writes), Fallback> {
     let mut writes = Writes::default();
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         let result = match &job.op {
-            Op::Reserve(r) => reserve(&mut state, &mut writes, job, r)?,
+            Op::Reserve(r) => reserve(state, &mut writes, job, r)?,
             Op::Finish {
                 call_id,
                 outcome,
                 error_kind,
                 stats,
             } => finish(
-                &mut state,
+                state,
                 &mut writes,
                 job,
                 call_id,
@@ -382,8 +441,11 @@ pub(super) async fn run(
         };
         results.push(result);
     }
-    write(conn, backend, &state, writes, relax).await?;
-    // Owners are immutable facts: keep the ones read for the next batches.
+    Ok((results, writes))
+}
+
+/// Owners are immutable facts: keeps the ones the batch read for the next batches.
+fn remember_owners(jobs: &[Job], state: State) {
     if let Some(job) = jobs.first() {
         for (server, owner) in state.owners {
             if job.ledger.owners.len() < super::super::MAX_CACHED_OWNERS {
@@ -391,110 +453,113 @@ pub(super) async fn run(
             }
         }
     }
-    Ok(results)
 }
 
-/// Opens the batch's transaction (relaxed when `relax`) and reads what the checks of
-/// `jobs` need, under SQLite's write lock or PostgreSQL's [`pg_batch_lock!`].
-async fn load(
-    conn: &mut AnyConnection,
-    backend: Backend,
-    jobs: &[Job],
-    relax: bool,
-) -> Result<State, Fallback> {
-    let mut finished = Vec::new();
-    let mut wallets = Vec::new();
-    let mut accounts = Vec::new();
-    let mut months = Vec::new();
-    let mut limits: Vec<(String, i64)> = Vec::new();
-    let mut latest = i64::MIN;
-    for job in jobs {
-        latest = latest.max(job.at);
-        match &job.op {
-            Op::Finish { call_id, .. } => finished.push(call_id.as_str()),
-            Op::Reserve(r) => {
-                wallets.push(wallet_id(&r.account_id));
-                accounts.push(r.account_id.as_str());
-                months.push(json!([r.account_id, Month::of_ms(job.at).to_string()]));
-                for (_, period) in &r.spend_limits {
-                    let key = (r.key_id.clone(), period_start_ms(period, job.at));
-                    if !limits.contains(&key) {
-                        limits.push(key);
+/// The arguments of the batch's read ([`SQLITE_LOAD`], [`PG_LOAD`]), as JSON text.
+struct LoadArgs {
+    /// `$1`: the finished calls' ids.
+    finished: String,
+    /// `$2`: the reserving wallets.
+    wallets: String,
+    /// `$3`: the reserving accounts.
+    accounts: String,
+    /// `$4`: the latest `at` of the batch, ms.
+    latest: i64,
+    /// `$5`: `[account, month]` of the reservations.
+    months: String,
+    /// `$6`: [`Self::limits`] as JSON.
+    limits_json: String,
+    /// `(key, since ms)` of the spend limits to check; the read answers by index.
+    limits: Vec<(String, i64)>,
+}
+
+impl LoadArgs {
+    fn of(jobs: &[Job]) -> Self {
+        let mut finished = Vec::new();
+        let mut wallets = Vec::new();
+        let mut accounts = Vec::new();
+        let mut months = Vec::new();
+        let mut limits: Vec<(String, i64)> = Vec::new();
+        let mut latest = i64::MIN;
+        for job in jobs {
+            latest = latest.max(job.at);
+            match &job.op {
+                Op::Finish { call_id, .. } => finished.push(call_id.as_str()),
+                Op::Reserve(r) => {
+                    wallets.push(wallet_id(&r.account_id));
+                    accounts.push(r.account_id.as_str());
+                    months.push(json!([r.account_id, Month::of_ms(job.at).to_string()]));
+                    for (_, period) in &r.spend_limits {
+                        let key = (r.key_id.clone(), period_start_ms(period, job.at));
+                        if !limits.contains(&key) {
+                            limits.push(key);
+                        }
                     }
                 }
             }
         }
-    }
-    let sql = match backend {
-        Backend::Sqlite if relax => RELAX_BEGIN_AND_LOAD,
-        Backend::Sqlite => BEGIN_AND_LOAD,
-        Backend::Postgres => {
-            let begin = if relax { PG_BEGIN_RELAXED } else { PG_BEGIN };
-            sqlx::raw_sql(begin).execute(&mut *conn).await?;
-            PG_LOAD
+        Self {
+            finished: json!(finished).to_string(),
+            wallets: json!(wallets).to_string(),
+            accounts: json!(accounts).to_string(),
+            latest,
+            months: Value::Array(months).to_string(),
+            limits_json: json!(limits).to_string(),
+            limits,
         }
-    };
-    let mut query = sqlx::query(sql)
-        .bind(json!(finished).to_string())
-        .bind(json!(wallets).to_string())
-        .bind(json!(accounts).to_string())
-        .bind(latest)
-        .bind(Value::Array(months).to_string())
-        .bind(json!(limits).to_string());
-    if backend == Backend::Postgres {
-        query = query.bind(json!([HOLDS, PLATFORM_REVENUE]).to_string());
     }
-    // Not `fetch_one`: on SQLite it stops at the first statement (`BEGIN`), which has no
-    // row.
-    let rows = query.fetch_all(conn).await?;
-    let row = rows
-        .first()
-        .ok_or_else(|| Fallback("the batch's read returned no row".into()))?;
-    let text: String = row.try_get(0)?;
-    let loaded: Loaded = serde_json::from_str(&text)
-        .map_err(|e| Fallback(format!("the batch's read did not parse: {e}")))?;
-    let mut state = State::default();
-    for (id, status, account_id, key_id, server_id, price, creator, fee, created_at) in loaded.calls
-    {
-        let call = CallRow {
-            status,
-            account_id,
-            key_id,
-            server_id,
-            price,
-            creator,
-            fee,
-            created_at,
-        };
-        state.calls.insert(id, call);
+}
+
+impl State {
+    /// The state of the batch's read: `text` is its one JSON row ([`Loaded`]), `limits`
+    /// the spend limits it was asked for ([`LoadArgs::limits`]).
+    fn read(text: &str, limits: &[(String, i64)]) -> Result<Self, Fallback> {
+        let loaded: Loaded = serde_json::from_str(text)
+            .map_err(|e| Fallback(format!("the batch's read did not parse: {e}")))?;
+        let mut state = State::default();
+        for (id, status, account_id, key_id, server_id, price, creator, fee, created_at) in
+            loaded.calls
+        {
+            let call = CallRow {
+                status,
+                account_id,
+                key_id,
+                server_id,
+                price,
+                creator,
+                fee,
+                created_at,
+            };
+            state.calls.insert(id, call);
+        }
+        for (id, balance, threshold, alerted) in loaded.wallets {
+            let wallet = Wallet {
+                balance,
+                threshold,
+                alerted: alerted != 0,
+            };
+            state.wallets.insert(id, wallet);
+        }
+        for (account_id, id, plan_id, effective_at) in loaded.plans {
+            let plan = PlanRow {
+                id,
+                plan_id,
+                effective_at,
+            };
+            state.plans.entry(account_id).or_default().push(plan);
+        }
+        for (account_id, month, calls, spent) in loaded.usage {
+            state.usage.insert((account_id, month), (calls, spent));
+        }
+        for (index, spent) in loaded.spent {
+            let key = limits
+                .get(index)
+                .ok_or_else(|| Fallback(format!("no spend limit #{index} in the batch")))?;
+            state.spent.insert(key.clone(), spent);
+        }
+        state.owners.extend(loaded.owners);
+        Ok(state)
     }
-    for (id, balance, threshold, alerted) in loaded.wallets {
-        let wallet = Wallet {
-            balance,
-            threshold,
-            alerted: alerted != 0,
-        };
-        state.wallets.insert(id, wallet);
-    }
-    for (account_id, id, plan_id, effective_at) in loaded.plans {
-        let plan = PlanRow {
-            id,
-            plan_id,
-            effective_at,
-        };
-        state.plans.entry(account_id).or_default().push(plan);
-    }
-    for (account_id, month, calls, spent) in loaded.usage {
-        state.usage.insert((account_id, month), (calls, spent));
-    }
-    for (index, spent) in loaded.spent {
-        let key = limits
-            .get(index)
-            .ok_or_else(|| Fallback(format!("no spend limit #{index} in the batch")))?;
-        state.spent.insert(key.clone(), spent);
-    }
-    state.owners.extend(loaded.owners);
-    Ok(state)
 }
 
 /// Decides one reservation (the checks of `Ledger::reserve_in`, in its order).
@@ -725,24 +790,14 @@ fn transfer(
         .push(json!([id, kind, call_id, amount, memo, at]));
 }
 
-/// Writes the batch's rows and commits (only the `COMMIT` when every operation was
-/// refused): one round trip on SQLite, two on PostgreSQL. On SQLite, when `relax`, the
-/// same round trip ends with `PRAGMA synchronous = FULL` (run only if the `COMMIT` ran).
-async fn write(
-    conn: &mut AnyConnection,
-    backend: Backend,
-    state: &State,
-    writes: Writes,
-    relax: bool,
-) -> Result<(), Fallback> {
+/// The seven arrays of rows the batch writes, as JSON text in the order of
+/// [`SQLITE_WRITES`] and [`PG_WRITE`]'s parameters (calls reserved, calls finished,
+/// transfers, entries, balances, alerts, usage counters); `None` when the batch writes
+/// nothing (every operation was refused).
+fn write_rows(state: &State, writes: Writes) -> Option<[String; 7]> {
     if writes.transfers.is_empty() {
         // Every write comes with a transfer: nothing was decided that writes.
-        let commit = match backend {
-            Backend::Sqlite if relax => RELAXED_COMMIT,
-            _ => "COMMIT",
-        };
-        sqlx::raw_sql(commit).execute(conn).await?;
-        return Ok(());
+        return None;
     }
     let usage: Vec<Value> = writes
         .usage
@@ -768,27 +823,16 @@ async fn write(
         .into_iter()
         .map(|(account, (delta, alerted))| json!([account, delta, alerted]))
         .collect();
-    let sql = match backend {
-        Backend::Sqlite if relax => RELAXED_WRITE_AND_COMMIT,
-        Backend::Sqlite => WRITE_AND_COMMIT,
-        Backend::Postgres => PG_WRITE,
-    };
-    let mut query = sqlx::query(sql);
-    for rows in [
-        writes.new_calls,
-        writes.finished_calls,
-        writes.transfers,
-        writes.entries,
-        balances,
-        writes.alerts,
-        usage,
-    ] {
-        query = query.bind(Value::Array(rows).to_string());
-    }
-    query.execute(&mut *conn).await?;
-    if backend == Backend::Postgres {
-        // A statement with parameters cannot hold a second one.
-        sqlx::raw_sql("COMMIT").execute(conn).await?;
-    }
-    Ok(())
+    Some(
+        [
+            writes.new_calls,
+            writes.finished_calls,
+            writes.transfers,
+            writes.entries,
+            balances,
+            writes.alerts,
+            usage,
+        ]
+        .map(|rows| Value::Array(rows).to_string()),
+    )
 }

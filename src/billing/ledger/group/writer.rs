@@ -1,0 +1,238 @@
+//! The ledger writer of SQLite: a thread of its own, with its own connection to the
+//! database file, that runs the call path's batches (group.rs) whole.
+//!
+//! # Why
+//! sqlx drives each SQLite connection from a worker thread of its own, so every
+//! statement is a hand-off to that thread and back (two thread wake-ups, 30–90 µs on the
+//! 2-vCPU development machine), and every return of the pooled connection adds one more
+//! (sqlx 0.9 pings a connection as it goes back to the pool, whatever the pool's
+//! options). A paid call's two batches made six such round trips; `perf` of a lone paid
+//! call found about 30 % of that thread's time in the kernel switching threads (README
+//! "Performance"). SQLite is a library: on a thread that owns its connection, a batch's
+//! `BEGIN IMMEDIATE`, read, writes and `COMMIT` are plain function calls. A batch now
+//! costs its callers one hand-off to this thread (a channel) and one back (each
+//! caller's `oneshot`).
+//!
+//! # How
+//! [`Writer::start`] spawns the thread; operations arrive on a channel in the order
+//! they were submitted. The thread takes the first, then whatever else is already
+//! waiting (up to [`MAX_BATCH`]), and runs them set-wise ([`bulk::run_sqlite`]); while
+//! it commits (and waits for the fsync), the next operations wait in the channel and
+//! form the next batch. The thread sets its connection's `synchronous` mode for each
+//! batch (`NORMAL` for a batch without settlements, `FULL` otherwise; docs/ledger.md
+//! "Durability"); nothing else uses that connection, so no other commit is ever made
+//! in the relaxed mode. When the set-wise run gives up ([`bulk::Fallback`]), the
+//! thread rolls back and runs the batch one operation at a time through sqlx on the
+//! store's pooled connection (`run_sqlite_one_at_a_time`), waiting for it: batches stay
+//! one after the other.
+//!
+//! # Two connections, one writer
+//! The store's pool keeps its one connection for everything else; SQLite still has one
+//! writer at a time. Every transaction of the pool begins `IMMEDIATE` (`Store::begin`),
+//! taking the write lock before it reads, so neither connection's transaction can fail
+//! with `SQLITE_BUSY` when it upgrades from reading to writing; a writer waits for the
+//! other's lock up to the busy timeout (10 s). Reads of the pool now run beside a
+//! batch (WAL readers do not wait for the writer).
+//!
+//! The thread ends when the ledger (every clone of it) is dropped.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::runtime::Handle;
+
+use super::{
+    Job, MAX_BATCH, answer_all, bulk, count_batch, fail_all, needs_durability,
+    run_sqlite_one_at_a_time,
+};
+use crate::store::Store;
+
+/// How long the writer waits for SQLite's write lock held by the pool's connection
+/// (10 s, as the pool's own `busy_timeout`).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A handle on the writer thread: hands it operations.
+pub(super) struct Writer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Starts a writer thread (`ledger-writer`) for `store`, an SQLite store. The
+    /// connection opens with the first batch.
+    ///
+    /// # Errors
+    /// When `store` has no SQLite file, when called outside a tokio runtime (the
+    /// fallback runs on it) or when the thread cannot be spawned.
+    pub(super) fn start(store: Store) -> std::io::Result<Self> {
+        let file = store
+            .sqlite_file()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| std::io::Error::other("the store is not an SQLite file"))?;
+        let runtime = Handle::try_current().map_err(std::io::Error::other)?;
+        let (jobs, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                let mut thread = Thread {
+                    store,
+                    file,
+                    runtime,
+                    conn: None,
+                };
+                thread.run(&queue);
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Hands `job` to the thread; gives it back when the thread is gone (it panicked).
+    pub(super) fn send(&self, job: Job) -> Result<(), Box<Job>> {
+        self.jobs.send(job).map_err(|e| Box::new(e.0))
+    }
+}
+
+/// The writer's connection and the `synchronous` mode it is in.
+struct Open {
+    conn: Connection,
+    /// True while in `synchronous = NORMAL`.
+    relaxed: bool,
+}
+
+/// What the writer thread owns.
+struct Thread {
+    store: Store,
+    /// The store's database file.
+    file: PathBuf,
+    runtime: Handle,
+    conn: Option<Open>,
+}
+
+impl Thread {
+    /// Runs batches until every sender is gone.
+    fn run(&mut self, queue: &mpsc::Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.batch(jobs);
+        }
+    }
+
+    /// Runs one batch and answers each of its jobs.
+    fn batch(&mut self, jobs: Vec<Job>) {
+        let relax = !jobs.iter().any(|j| needs_durability(&j.op));
+        let outcome = match self.connection(relax) {
+            Ok(conn) => bulk::run_sqlite(conn, &jobs),
+            Err(e) => return fail_all(jobs, &e.to_string()),
+        };
+        match outcome {
+            Ok(results) => {
+                count_batch("set");
+                answer_all(jobs, Ok(results));
+            }
+            Err(bulk::Fallback(why)) => {
+                self.roll_back();
+                tracing::debug!(reason = %why, operations = jobs.len(), "ledger batch runs one operation at a time");
+                self.runtime
+                    .block_on(run_sqlite_one_at_a_time(&self.store, jobs));
+            }
+        }
+    }
+
+    /// The writer's connection in the mode the batch needs (`NORMAL` when `relax`,
+    /// `FULL` otherwise), opened first if there is none. A connection whose mode could
+    /// not be set is closed (the next batch opens a new one).
+    fn connection(&mut self, relax: bool) -> rusqlite::Result<&Connection> {
+        let mut open = match self.conn.take() {
+            Some(open) => open,
+            None => Open {
+                conn: open(&self.file)?,
+                relaxed: false,
+            },
+        };
+        if open.relaxed != relax {
+            let mode = if relax { "NORMAL" } else { "FULL" };
+            open.conn.pragma_update(None, "synchronous", mode)?;
+            open.relaxed = relax;
+        }
+        Ok(&self.conn.insert(open).conn)
+    }
+
+    /// Rolls back whatever the failed batch left open; a connection still in a
+    /// transaction afterwards is closed (the next batch opens a new one).
+    fn roll_back(&mut self) {
+        let Some(open) = &self.conn else { return };
+        if !open.conn.is_autocommit() {
+            // A failed `COMMIT` leaves the transaction open, as does a failed statement.
+            let _ = open.conn.execute_batch("ROLLBACK");
+            if !open.conn.is_autocommit() {
+                self.conn = None;
+            }
+        }
+    }
+}
+
+/// Opens the writer's connection to `file` (the store's database, already migrated and
+/// in WAL mode), as the store's pool opens its own: foreign keys on, `synchronous =
+/// FULL`, the same busy timeout.
+fn open(file: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection's `synchronous` mode: 1 = NORMAL, 2 = FULL.
+    fn mode(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |row| row.get(0))
+            .expect("mode")
+    }
+
+    /// Each batch gets the mode it needs, whatever the batch before it needed, and a
+    /// transaction a failed batch left open is rolled back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn each_batch_sets_its_own_durability_and_failures_are_rolled_back() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let store = Store::connect(&url).await.expect("store");
+        let mut thread = Thread {
+            store: store.clone(),
+            file: dir.path().join("w.db"),
+            runtime: Handle::current(),
+            conn: None,
+        };
+        for relax in [true, true, false, true, false, false] {
+            let conn = thread.connection(relax).expect("connection");
+            assert_eq!(mode(conn), if relax { 1 } else { 2 }, "relax: {relax}");
+        }
+
+        let conn = thread.connection(false).expect("connection");
+        conn.execute_batch(
+            "BEGIN IMMEDIATE; INSERT INTO accounts (id, name, created_at) VALUES ('w1', 'w1', 0)",
+        )
+        .expect("an open transaction with a write");
+        thread.roll_back();
+        let conn = thread.connection(false).expect("the same connection");
+        assert!(conn.is_autocommit());
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM accounts WHERE id = 'w1'", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        assert_eq!(rows, 0, "the failed batch's write was rolled back");
+        store.close().await;
+    }
+}
