@@ -262,4 +262,66 @@ mod tests {
         assert_eq!(rows, 0, "the failed batch's write was rolled back");
         store.close().await;
     }
+
+    /// A writer that cannot open its connection (here: its file's directory is gone)
+    /// answers every operation of the batch with `BillingError::Commit` and writes
+    /// nothing: the wallet is as it was and no call row exists.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_writer_that_cannot_open_its_file_fails_the_batch_and_writes_nothing() {
+        use crate::billing::ledger::{Ledger, Reservation};
+        use tokio::sync::oneshot;
+
+        let dir = tempfile::tempdir().expect("dir");
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let store = Store::connect(&url).await.expect("store");
+        let ledger = Ledger::new(store.clone());
+        let account = crate::auth::accounts::create_account(&store, "payer")
+            .await
+            .expect("account");
+        ledger
+            .topup(&account.id, 1_000_000, "grant")
+            .await
+            .expect("topup");
+        let mut thread = Thread {
+            store: store.clone(),
+            file: dir.path().join("gone").join("w.db"),
+            runtime: Handle::current(),
+            conn: None,
+        };
+        let (reply, answer) = oneshot::channel();
+        let reservation = Reservation {
+            call_id: "c1".into(),
+            account_id: account.id.clone(),
+            key_id: "k1".into(),
+            server_id: "s1".into(),
+            tool: "t".into(),
+            price_micros: 20_000,
+            fee_bps: 3000,
+            hold_expires_at: i64::MAX,
+            spend_limits: Vec::new(),
+            request_bytes: 10,
+        };
+        let job = Job {
+            ledger: ledger.clone(),
+            op: super::super::Op::Reserve(reservation),
+            at: 0,
+            reply,
+        };
+        tokio::task::spawn_blocking(move || thread.batch(vec![job]))
+            .await
+            .expect("the batch ran");
+        assert!(matches!(
+            answer.await.expect("an answer"),
+            Err(BillingError::Commit(_))
+        ));
+        let balance = ledger.account_balance(&account.id).await.expect("balance");
+        assert_eq!(balance.wallet_micros, 1_000_000);
+        assert_eq!(balance.holds_micros, 0);
+        let calls: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls")
+            .fetch_one(store.pool())
+            .await
+            .expect("count");
+        assert_eq!(calls, 0);
+        store.close().await;
+    }
 }
