@@ -330,8 +330,9 @@ struct Writes {
 /// Runs `jobs` set-wise on SQLite, on the ledger writer's own connection (`writer.rs`):
 /// `BEGIN IMMEDIATE`, the read, every operation decided in memory in queue order, the
 /// writes and `COMMIT`, all on the calling thread (SQLite is a library: no hand-off per
-/// statement). When `relax`, the connection must be in `synchronous = NORMAL` already
-/// (the writer sets each batch's mode before it begins).
+/// statement). Whether the `COMMIT` waits for the disk is the connection's `synchronous`
+/// mode, which the writer sets before each batch (`NORMAL` for a batch without
+/// settlements, `FULL` otherwise).
 ///
 /// # Errors
 /// [`Fallback`] when a statement fails or the batch holds something the in-memory
