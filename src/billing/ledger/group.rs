@@ -188,9 +188,8 @@ impl GroupCommit {
         })?;
         let sent = started.send(job);
         *writer = Some(started);
-        // A writer that died at once drops the job's reply; the caller sees `abandoned`.
-        drop(sent);
-        Ok(())
+        // Refused only by a writer that already died (a panic).
+        sent.map_err(|_| abandoned())
     }
 
     /// PostgreSQL: queues `job`, then waits for its answer or for the leader lock, and
