@@ -217,6 +217,132 @@ async fn quota_exhaustion_is_never_charged_and_refunds_give_calls_back() {
     }
 }
 
+/// Spend limits count the key's non-refunded prices of the UTC day and month the calls
+/// were made in (its spend counters): a refusal changes nothing, a refund gives its
+/// price back to the periods its call was made in (even once they are over), a new day
+/// starts the day's limit afresh while the month's still counts. `ledger verify` checks
+/// every counter against the calls, and that a limited period with spending has one.
+#[tokio::test]
+async fn spend_limits_count_the_keys_calls_of_the_day_and_the_month() {
+    for backend in backends() {
+        let b = Books::open(backend, "2026-03-31T22:00:00Z").await;
+        let user = b.account("user").await;
+        let creator = b.account("creator").await;
+        let units = b.server(&creator, "units", "0.02_per_request").await;
+        let p = 20_000;
+        b.ledger.topup(&user.id, 100 * p, "grant").await.unwrap();
+        // The key `Books` reserves with, limited to 3 calls a day and 4 a month.
+        let key = "key-user";
+        let limits = [(3 * p, "day"), (4 * p, "month")];
+        sqlx::query(
+            "INSERT INTO api_keys (id, account_id, prefix, hash, scopes, daily_limit_micros, \
+             monthly_limit_micros, created_at) VALUES ($1, $2, 'mkt_user', 'hash-of-key-user', 'invoke', $3, $4, 0)",
+        )
+        .bind(key)
+        .bind(&user.id)
+        .bind(limits[0].0)
+        .bind(limits[1].0)
+        .execute(b.store.pool())
+        .await
+        .unwrap();
+        let spend = || async {
+            (
+                b.ledger.key_spend(key, "day").await.unwrap(),
+                b.ledger.key_spend(key, "month").await.unwrap(),
+            )
+        };
+        let reserve = || b.reserve_under(&user, &units, "convert", p, 3000, &limits);
+        let refused = |r: Result<String, BillingError>| match r {
+            Err(BillingError::SpendLimit {
+                limit_micros,
+                spent_micros,
+                period,
+            }) => (limit_micros, spent_micros, period),
+            other => panic!("expected a spend-limit refusal ({backend:?}): {other:?}"),
+        };
+        let end = |id: String, how: End| {
+            let b = &b;
+            async move { b.end(&id, how).await }
+        };
+
+        end(reserve().await.unwrap(), End::Settle).await;
+        end(reserve().await.unwrap(), End::Settle).await;
+        end(reserve().await.unwrap(), End::Refund).await;
+        assert_eq!(spend().await, (2 * p, 2 * p));
+        let open = reserve().await.unwrap();
+        let before = b.snapshot().await;
+        assert_eq!(refused(reserve().await), (3 * p, 3 * p, "day".to_owned()));
+        assert_eq!(b.snapshot().await, before, "a refusal changes nothing");
+        // A refund makes room; this call is left in flight past midnight and the month.
+        b.end(&open, End::Refund).await;
+        let late = reserve().await.unwrap();
+        assert_eq!(spend().await, (3 * p, 3 * p));
+
+        b.at("2026-04-01T00:30:00Z");
+        assert_eq!(spend().await, (0, 0));
+        for _ in 0..3 {
+            end(reserve().await.unwrap(), End::Settle).await;
+        }
+        assert_eq!(refused(reserve().await), (3 * p, 3 * p, "day".to_owned()));
+        b.at("2026-04-02T09:00:00Z");
+        end(reserve().await.unwrap(), End::Settle).await;
+        assert_eq!(spend().await, (p, 4 * p));
+        assert_eq!(refused(reserve().await), (4 * p, 4 * p, "month".to_owned()));
+        // March's call, refunded in April, gives its price back to March.
+        b.end(&late, End::Refund).await;
+        assert_eq!(spend().await, (p, 4 * p));
+        let counter = |period: &'static str, start: &'static str| {
+            sqlx::query(
+                "SELECT spent_micros FROM key_spend_counters \
+                 WHERE key_id = $1 AND period = $2 AND period_start = $3",
+            )
+            .bind(key)
+            .bind(period)
+            .bind(ms(start))
+            .fetch_one(b.store.pool())
+        };
+        for (period, start, spent) in [
+            ("day", "2026-03-31", 2 * p),
+            ("month", "2026-03", 2 * p),
+            ("day", "2026-04-01", 3 * p),
+            ("day", "2026-04-02", p),
+            ("month", "2026-04", 4 * p),
+        ] {
+            let row = counter(period, start).await.unwrap();
+            assert_eq!(
+                row.get::<i64, _>(0),
+                spent,
+                "{period} {start} ({backend:?})"
+            );
+        }
+        b.assert_ok().await;
+
+        // Verify sees a counter that drifted from the calls, and one that is missing.
+        let pool = b.store.pool();
+        sqlx::query(
+            "UPDATE key_spend_counters SET spent_micros = spent_micros + 1 \
+             WHERE period = 'day' AND period_start = $1",
+        )
+        .bind(ms("2026-04-02"))
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query("DELETE FROM key_spend_counters WHERE period = 'month' AND period_start = $1")
+            .bind(ms("2026-03"))
+            .execute(pool)
+            .await
+            .unwrap();
+        let broken = b.ledger.verify().await.unwrap().join("\n");
+        for expected in [
+            "spend counter of key key-user for the day from 2026-04-02T00:00:00.000Z says 20001 micros, the calls say 20000",
+            "key key-user spent 40000 micros in the month from 2026-03-01T00:00:00.000Z without a spend counter",
+        ] {
+            assert!(broken.contains(expected), "{expected} not in:\n{broken}");
+        }
+        b.close().await;
+    }
+}
+
 #[tokio::test]
 async fn a_low_balance_alert_is_recorded_once_per_crossing() {
     for backend in backends() {
@@ -864,6 +990,8 @@ async fn the_billing_migration_keeps_existing_data() {
             .unwrap();
         for sql in [
             "INSERT INTO accounts (id, name, created_at) VALUES ('a1', 'old', 1)",
+            "INSERT INTO api_keys (id, account_id, prefix, hash, scopes, spend_limit_micros, spend_limit_period, created_at) \
+             VALUES ('k', 'a1', 'mkt_old0', 'hash-of-k', 'invoke', 5000000, 'day', 1)",
             "INSERT INTO ledger_accounts (id, kind, balance, created_at) VALUES ('wallet:a1', 'wallet', 980000, 1), ('earnings:a1', 'earnings', 0, 1)",
             "INSERT INTO servers (id, slug, name, owner_account_id, price_micros, status, secret, timeout_ms, created_at, updated_at) \
              VALUES ('s1', 'old', 'old', 'a1', 20000, 'active', 'x', 1000, 1, 1)",
@@ -873,6 +1001,15 @@ async fn the_billing_migration_keeps_existing_data() {
             "UPDATE ledger_accounts SET balance = 20000 WHERE id = 'holds'",
             "INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, fee_micros, status, hold_expires_at, created_at) \
              VALUES ('c1', 'a1', 'k', 's1', 'convert', 20000, 14000, 6000, 'reserved', 9, 2)",
+            // A refunded call (it counts nowhere) the same day, and a reserved one in
+            // the next month (day 40, 1970-02-10).
+            "INSERT INTO ledger_transfers (id, kind, call_id, amount, memo, created_at) VALUES ('t3', 'reserve', 'c2', 20000, '', 3), ('t4', 'refund', 'c2', 20000, 'upstream_error', 4), ('t5', 'reserve', 'c3', 20000, '', 3456000000)",
+            "INSERT INTO ledger_entries (transfer_id, ledger_account_id, amount) VALUES ('t3', 'wallet:a1', -20000), ('t3', 'holds', 20000), ('t4', 'holds', -20000), ('t4', 'wallet:a1', 20000), ('t5', 'wallet:a1', -20000), ('t5', 'holds', 20000)",
+            "UPDATE ledger_accounts SET balance = 960000 WHERE id = 'wallet:a1'",
+            "UPDATE ledger_accounts SET balance = 40000 WHERE id = 'holds'",
+            "INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, fee_micros, status, hold_expires_at, created_at) \
+             VALUES ('c2', 'a1', 'k', 's1', 'convert', 20000, 14000, 6000, 'refunded', 9, 3), \
+             ('c3', 'a1', 'k', 's1', 'convert', 20000, 14000, 6000, 'reserved', 9, 3456000000)",
         ] {
             sqlx::query(sql).execute(&pool).await.unwrap();
         }
@@ -886,11 +1023,31 @@ async fn the_billing_migration_keeps_existing_data() {
             "{backend:?}"
         );
         let b = ledger.account_balance("a1").await.unwrap();
-        assert_eq!((b.wallet_micros, b.holds_micros), (980_000, 20_000));
+        assert_eq!((b.wallet_micros, b.holds_micros), (960_000, 40_000));
         let old_month = Month::of_ms(2);
         assert_eq!(ledger.month_usage("a1", old_month).await.unwrap().calls, 1);
-        // The old hold can still be refunded, now with the new transfer kinds in place.
-        assert_eq!(ledger.sweep_expired_holds(10).await.unwrap(), 1);
+        // The key's spend counters of the period it limits were made from the calls
+        // (`verify` above agrees).
+        let counters: Vec<(String, i64, i64)> = sqlx::query(
+            "SELECT period, period_start, spent_micros FROM key_spend_counters \
+             WHERE key_id = 'k' ORDER BY period, period_start",
+        )
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+        assert_eq!(
+            counters,
+            [
+                ("day".to_owned(), 0, 20_000),
+                ("day".to_owned(), 3_456_000_000, 20_000),
+            ],
+            "{backend:?}"
+        );
+        // The old holds can still be refunded, now with the new transfer kinds in place.
+        assert_eq!(ledger.sweep_expired_holds(10).await.unwrap(), 2);
         assert_eq!(
             ledger.account_balance("a1").await.unwrap().wallet_micros,
             1_000_000

@@ -2,10 +2,11 @@
 //! rounds of top-ups, calls (settled, refunded or left in flight), plan changes, alert
 //! thresholds and payouts, each round run by 2–3 concurrent tasks; between rounds the
 //! clock moves (sometimes across a month's end, which renews plans and closes the month).
-//! After every round `ledger verify` finds nothing broken, no wallet is negative, no
-//! operation fails other than by the refusals a user can see, and money is neither
-//! created nor lost: what the external accounts hold is exactly what came in by top-ups
-//! and went out by payouts.
+//! Buyer 1's key has a daily and a monthly spend limit. After every round `ledger
+//! verify` finds nothing broken, no wallet is negative, no operation fails other than by
+//! the refusals a user can see, no day or month of buyer 1's calls costs more than its
+//! limit, and money is neither created nor lost: what the external accounts hold is
+//! exactly what came in by top-ups and went out by payouts.
 //!
 //! Cases are few and short so CI stays fast (`PROPTEST_CASES` overrides: 24 on SQLite,
 //! 10 on PostgreSQL, where each case makes a database). A failure prints the shrunk case,
@@ -32,6 +33,8 @@ const PRICES: [i64; 3] = [20_000, 7, 330_000];
 /// Top-up amounts, micros.
 const TOPUPS: [i64; 3] = [50_000, 300_000, 2_000_000];
 const PLANS: [&str; 3] = ["free", "pro", "max"];
+/// Buyer 1's spend limits, micros: two dear calls a day, four a month.
+const LIMITS: [(i64, &str); 2] = [(700_000, "day"), (1_400_000, "month")];
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -101,6 +104,30 @@ fn plans() -> PlanBook {
     PlanBook::from_config(&files, None).expect("test plans")
 }
 
+/// No UTC day or month of buyer 1's (`key-b1`) non-refunded calls costs more than its
+/// limit in [`LIMITS`], reckoned from the calls themselves.
+async fn within_limits(b: &Books) -> Result<(), TestCaseError> {
+    let mut months: BTreeMap<Month, i64> = BTreeMap::new();
+    for row in sqlx::query(
+        "SELECT created_at - created_at % 86400000, CAST(SUM(price_micros) AS BIGINT) FROM calls \
+         WHERE key_id = 'key-b1' AND status <> 'refunded' GROUP BY created_at - created_at % 86400000",
+    )
+    .fetch_all(b.store.pool())
+    .await
+    .expect("daily spend")
+    {
+        let (day, spent): (i64, i64) = (row.get(0), row.get(1));
+        check(spent <= LIMITS[0].0, || format!("key-b1 spent {spent} on day {day}"))?;
+        *months.entry(Month::of_ms(day)).or_default() += spent;
+    }
+    for (month, spent) in months {
+        check(spent <= LIMITS[1].0, || {
+            format!("key-b1 spent {spent} in {month}")
+        })?;
+    }
+    Ok(())
+}
+
 fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), TestCaseError> {
     if ok {
         Ok(())
@@ -115,6 +142,7 @@ fn expected(r: Result<(), BillingError>) -> Result<(), TestCaseError> {
         Ok(())
         | Err(BillingError::InsufficientCredits { .. })
         | Err(BillingError::QuotaExceeded { .. })
+        | Err(BillingError::SpendLimit { .. })
         | Err(BillingError::Invalid(_)) => Ok(()),
         Err(e) => Err(TestCaseError::fail(format!("unexpected error: {e}"))),
     }
@@ -158,10 +186,18 @@ async fn run_case(backend: Backend, rounds: Vec<Round>) -> Result<(), TestCaseEr
                             topped.fetch_add(TOPUPS[amount], Ordering::SeqCst);
                         }
                         Op::Call { buyer, server, end } => {
-                            match b
-                                .reserve(&buyers[buyer], &servers[server], "t", PRICES[server])
-                                .await
-                            {
+                            let limits: &[(i64, &str)] = if buyer == 1 { &LIMITS } else { &[] };
+                            let reserved = b
+                                .reserve_under(
+                                    &buyers[buyer],
+                                    &servers[server],
+                                    "t",
+                                    PRICES[server],
+                                    3000,
+                                    limits,
+                                )
+                                .await;
+                            match reserved {
                                 Ok(id) => {
                                     let end = [End::Settle, End::Refund, End::Open][end as usize];
                                     b.end(&id, end).await;
@@ -238,6 +274,7 @@ async fn run_case(backend: Backend, rounds: Vec<Round>) -> Result<(), TestCaseEr
 
         let broken = b.ledger.verify().await.expect("verify");
         check(broken.is_empty(), || format!("{backend:?}: {broken:?}"))?;
+        within_limits(&b).await?;
     }
 
     // Money is neither created nor lost.

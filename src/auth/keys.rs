@@ -310,6 +310,11 @@ async fn account_id_by_name(store: &Store, name: &str) -> Result<String, KeyErro
 /// Creates a key for the account `account_name`. Returns its record and the key itself,
 /// which is shown this once and stored only hashed.
 ///
+/// A key's spend limits are fixed here for its life: the ledger keeps a spend counter
+/// only for the periods a key limits, from its first call (`billing::ledger`,
+/// `count_key_spend`), so a way to change them must first create the new periods'
+/// counters from the key's calls (as migration 0011 does).
+///
 /// # Errors
 /// [`KeyError::UnknownAccount`], [`KeyError::NoScope`], [`KeyError::Store`].
 pub async fn create_key(

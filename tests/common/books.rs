@@ -119,6 +119,21 @@ impl Books {
         price: i64,
         fee_bps: u32,
     ) -> Result<String, BillingError> {
+        self.reserve_under(payer, server_id, tool, price, fee_bps, &[])
+            .await
+    }
+
+    /// Reserves a call now by the payer's key (`key-{name}`) under its spend `limits`
+    /// (`(micros, "day"|"month")`).
+    pub async fn reserve_under(
+        &self,
+        payer: &Account,
+        server_id: &str,
+        tool: &str,
+        price: i64,
+        fee_bps: u32,
+        limits: &[(i64, &str)],
+    ) -> Result<String, BillingError> {
         let call_id = uuid::Uuid::now_v7().to_string();
         self.ledger
             .reserve(&Reservation {
@@ -130,7 +145,7 @@ impl Books {
                 price_micros: price,
                 fee_bps,
                 hold_expires_at: i64::MAX,
-                spend_limits: Vec::new(),
+                spend_limits: limits.iter().map(|(m, p)| (*m, (*p).to_owned())).collect(),
                 request_bytes: 10,
             })
             .await?;
@@ -198,6 +213,8 @@ impl Books {
             "SELECT CAST(COUNT(*) AS BIGINT) FROM payouts",
             "SELECT CAST(COUNT(*) AS BIGINT) FROM invoices",
             "SELECT CAST(COALESCE(SUM(calls), 0) AS BIGINT) FROM usage_counters",
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM key_spend_counters",
+            "SELECT CAST(COALESCE(SUM(spent_micros), 0) AS BIGINT) FROM key_spend_counters",
             "SELECT CAST(COALESCE(SUM(ABS(balance)), 0) AS BIGINT) FROM ledger_accounts",
         ] {
             out.push(

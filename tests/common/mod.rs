@@ -380,7 +380,7 @@ pub fn args(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> 
 
 /// Counts that a refused request must not move: catalog rows (servers, endpoints,
 /// installs, pins, credentials, policies), keys, ledger transfers and entries, calls,
-/// and the sum of every wallet.
+/// the sum of every wallet, and what the keys' spend counters hold.
 pub async fn snapshot(market: &Market) -> Vec<i64> {
     use sqlx::Row;
     let pool = market.app.store.pool();
@@ -397,6 +397,7 @@ pub async fn snapshot(market: &Market) -> Vec<i64> {
         "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger_entries",
         "SELECT CAST(COUNT(*) AS BIGINT) FROM calls",
         "SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM ledger_accounts WHERE kind = 'wallet'",
+        "SELECT CAST(COALESCE(SUM(spent_micros), 0) AS BIGINT) FROM key_spend_counters",
     ] {
         out.push(
             sqlx::query(q)

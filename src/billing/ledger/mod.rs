@@ -1,6 +1,7 @@
 //! The double-entry, two-phase ledger (DESIGN.md "Ledger"). Every write to a ledger
 //! table (`ledger_accounts`, `ledger_transfers`, `ledger_entries`, `calls`,
-//! `usage_counters`) happens in a method of [`Ledger`], in one transaction.
+//! `usage_counters`, `key_spend_counters`) happens in a method of [`Ledger`], in one
+//! transaction.
 //!
 //! Ledger accounts: `wallet:{account}` (never below zero, a CHECK in the schema),
 //! `holds`, `earnings:{account}`, `platform:revenue`, `platform:included_credits` and
@@ -27,7 +28,9 @@
 //! mid-call) is refunded by [`Ledger::sweep_expired_holds`].
 //!
 //! The reserve also enforces, in the same transaction so concurrent calls cannot pass
-//! them together: the key's spend limit, the plan's monthly call quota (a guarded
+//! them together: the key's spend limits (its counter of each limited period in
+//! `key_spend_counters`, which every priced reservation of the key adds to and its
+//! refund takes back from; see `count_key_spend`), the plan's monthly call quota (a guarded
 //! increment of `usage_counters`), and the wallet balance (a guarded debit). The debit
 //! returns the wallet's low-balance threshold with the new balance, so detecting a
 //! crossing costs no extra query.
@@ -433,7 +436,7 @@ impl Ledger {
                 .await?;
         }
         for (limit_micros, period) in &r.spend_limits {
-            let spent = key_spent(tx, &r.key_id, period_start_ms(period, at)).await?;
+            let spent = key_spent(tx, &r.key_id, period, at).await?;
             if spent + r.price_micros > *limit_micros {
                 return Err(BillingError::SpendLimit {
                     limit_micros: *limit_micros,
@@ -493,6 +496,12 @@ impl Ledger {
         .bind(r.request_bytes.max(0))
         .execute(&mut **tx)
         .await?;
+        let limited: Vec<&str> = r
+            .spend_limits
+            .iter()
+            .map(|(_, p)| spend_period(p))
+            .collect();
+        count_key_spend(tx, &r.key_id, &limited, at, r.price_micros).await?;
         let transfer =
             insert_transfer(tx, "reserve", Some(&r.call_id), r.price_micros, "", at).await?;
         // The guarded debit above already moved the wallet's balance; only holds moves here.
@@ -563,7 +572,8 @@ impl Ledger {
         let row = sqlx::query(
             "UPDATE calls SET status = $1, error_kind = $2, finished_at = $3, latency_ms = $4, \
              response_bytes = $5 WHERE id = $6 AND status = 'reserved' \
-             RETURNING account_id, price_micros, creator_micros, fee_micros, server_id, created_at",
+             RETURNING account_id, price_micros, creator_micros, fee_micros, server_id, created_at, \
+             key_id",
         )
         .bind(outcome.as_str())
         .bind(error_kind)
@@ -591,6 +601,7 @@ impl Ledger {
         let fee: i64 = row.try_get(3)?;
         let server_id: String = row.try_get(4)?;
         let created_at: i64 = row.try_get(5)?;
+        let key_id: String = row.try_get(6)?;
         let wallet = wallet_id(&account_id);
         match outcome {
             Outcome::Settled => {
@@ -622,6 +633,8 @@ impl Ledger {
                 .bind(Month::of_ms(created_at).to_string())
                 .execute(&mut **tx)
                 .await?;
+                // Nor against its key's spend limits.
+                count_key_spend(tx, &key_id, &SPEND_PERIODS, created_at, -price).await?;
                 post_transfer(
                     tx,
                     "refund",
@@ -717,13 +730,14 @@ impl Ledger {
     }
 
     /// What a key spent (settled or held) in its current spend-limit period (`day` or
-    /// `month`, UTC), micros.
+    /// `month`, UTC), micros: its spend counter, kept only for the periods the key
+    /// limits (0 for another).
     ///
     /// # Errors
     /// [`BillingError::Store`].
     pub async fn key_spend(&self, key_id: &str, period: &str) -> Result<i64, BillingError> {
         let mut conn = self.store.pool().acquire().await?;
-        key_spent(&mut conn, key_id, period_start_ms(period, self.now_ms())).await
+        key_spent(&mut conn, key_id, period, self.now_ms()).await
     }
 
     // ---- Low-balance alerts ---------------------------------------------------------
@@ -897,6 +911,15 @@ impl Ledger {
 const BALANCE_SQL: &str =
     "SELECT CAST(COALESCE(MAX(balance), 0) AS BIGINT) FROM ledger_accounts WHERE id = $1";
 
+/// The spend-limit periods, as `key_spend_counters.period` names them.
+const SPEND_PERIODS: [&str; 2] = ["day", "month"];
+
+/// The period a spend limit names, as `key_spend_counters` stores it: `month`, else
+/// `day` (as [`period_start_ms`] reads it; keys store only these two).
+fn spend_period(period: &str) -> &'static str {
+    if period == "month" { "month" } else { "day" }
+}
+
 /// The start of the spend-limit period containing `now_ms` (UTC day or month), epoch ms.
 fn period_start_ms(period: &str, now_ms: i64) -> i64 {
     if period == "month" {
@@ -905,20 +928,66 @@ fn period_start_ms(period: &str, now_ms: i64) -> i64 {
     now_ms - now_ms.rem_euclid(86_400_000)
 }
 
+/// What `key_id` spent in the spend-limit `period` (`day`|`month`) containing `at`
+/// (epoch ms), micros: its counter in `key_spend_counters` (none yet: nothing).
 async fn key_spent(
     conn: &mut AnyConnection,
     key_id: &str,
-    since: i64,
+    period: &str,
+    at: i64,
 ) -> Result<i64, BillingError> {
-    Ok(sqlx::query(
-        "SELECT CAST(COALESCE(SUM(price_micros), 0) AS BIGINT) FROM calls \
-         WHERE key_id = $1 AND created_at >= $2 AND status <> 'refunded'",
+    let row = sqlx::query(
+        "SELECT spent_micros FROM key_spend_counters \
+         WHERE key_id = $1 AND period = $2 AND period_start = $3",
     )
     .bind(key_id)
-    .bind(since)
-    .fetch_one(conn)
-    .await?
-    .try_get(0)?)
+    .bind(spend_period(period))
+    .bind(period_start_ms(period, at))
+    .fetch_optional(conn)
+    .await?;
+    Ok(match row {
+        Some(row) => row.try_get(0)?,
+        None => 0,
+    })
+}
+
+/// Adds `delta` micros to the spend counters of `key_id` for `periods` (`day`, `month`)
+/// containing `made_at`, the call's `created_at` (epoch ms).
+///
+/// The rule (migration 0011): a priced reservation adds its price to its key's counter
+/// of each period the key limits, creating it if new; its refund takes the price back
+/// from the counters of the call's day and month that exist. A key's limits are fixed
+/// when it is created (`auth::keys::create_key`), so a counter holds every
+/// non-refunded price of its key in its period, and a key without limits costs its
+/// calls no counter write. A negative delta only lowers existing counters, and the
+/// schema's CHECK refuses to take one below zero ([`BillingError::Store`]).
+async fn count_key_spend(
+    tx: &mut Tx<'_>,
+    key_id: &str,
+    periods: &[&str],
+    made_at: i64,
+    delta: i64,
+) -> Result<(), BillingError> {
+    for &period in periods {
+        let sql = if delta > 0 {
+            "INSERT INTO key_spend_counters (key_id, period, period_start, spent_micros) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (key_id, period, period_start) \
+             DO UPDATE SET spent_micros = key_spend_counters.spent_micros + $4"
+        } else if delta < 0 {
+            "UPDATE key_spend_counters SET spent_micros = spent_micros + $4 \
+             WHERE key_id = $1 AND period = $2 AND period_start = $3"
+        } else {
+            return Ok(());
+        };
+        sqlx::query(sql)
+            .bind(key_id)
+            .bind(period)
+            .bind(period_start_ms(period, made_at))
+            .bind(delta)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The guarded debit of a wallet: moves `amount` out only if the wallet holds it, and

@@ -1,10 +1,12 @@
 //! `ledger verify`: every invariant of the ledger and of what is reconciled against it
 //! (quotas, plans, payouts, payments, invoices).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use sqlx::Row;
 
 use super::{BALANCE_SQL, BillingError, HOLDS, Ledger, scalar};
-use crate::billing::period::Month;
+use crate::billing::period::{Month, rfc3339};
 
 impl Ledger {
     /// Checks every invariant and returns the broken ones (empty when all hold):
@@ -15,6 +17,9 @@ impl Ledger {
     ///   equals the open reservations; no wallet is negative; every call has one reserve
     ///   and at most one of settle/refund, matching its status;
     /// - quotas: every monthly usage counter equals the calls it counts;
+    /// - spend limits: every key's spend counter of a day or a month equals the
+    ///   non-refunded prices of the key's calls made in it, and every period in which a
+    ///   key spent has its counter when the key limits that period;
     /// - plans: every subscription period's fee and credits equal their transfers, and
     ///   every subscription or included-credits transfer belongs to a period;
     /// - payouts: every payout equals the earnings it consumed plus the sub-cent
@@ -30,6 +35,7 @@ impl Ledger {
     pub async fn verify(&self) -> Result<Vec<String>, BillingError> {
         let mut broken = self.verify_core().await?;
         broken.extend(self.verify_counters().await?);
+        broken.extend(self.verify_key_spend().await?);
         broken.extend(self.verify_subscriptions().await?);
         broken.extend(self.verify_payouts().await?);
         broken.extend(self.verify_payments().await?);
@@ -182,6 +188,80 @@ impl Ledger {
                 "usage counters hold {} calls / {} micros, the calls {} / {}",
                 counted.0, counted.1, all.0, all.1
             ));
+        }
+        Ok(broken)
+    }
+
+    /// The key spend counters against the calls: one grouped read of the calls (per key
+    /// and UTC day, gathered into months here), one of the counters, one of the keys'
+    /// limits.
+    async fn verify_key_spend(&self) -> Result<Vec<String>, BillingError> {
+        let pool = self.store.pool();
+        let mut expected: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+        for row in sqlx::query(
+            "SELECT key_id, created_at - created_at % 86400000, \
+             CAST(SUM(price_micros) AS BIGINT) FROM calls \
+             WHERE status <> 'refunded' AND price_micros > 0 \
+             GROUP BY key_id, created_at - created_at % 86400000",
+        )
+        .fetch_all(pool)
+        .await?
+        {
+            let (key, day, sum): (String, i64, i64) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            let month = Month::of_ms(day).start_ms();
+            *expected
+                .entry((key.clone(), "month".into(), month))
+                .or_default() += sum;
+            expected.insert((key, "day".into(), day), sum);
+        }
+        let mut broken = Vec::new();
+        for row in
+            sqlx::query("SELECT key_id, period, period_start, spent_micros FROM key_spend_counters")
+                .fetch_all(pool)
+                .await?
+        {
+            let (key, period, start, spent): (String, String, i64, i64) = (
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            );
+            let sum = expected
+                .remove(&(key.clone(), period.clone(), start))
+                .unwrap_or(0);
+            if spent != sum {
+                broken.push(format!(
+                    "spend counter of key {key} for the {period} from {} says {spent} micros, \
+                     the calls say {sum}",
+                    rfc3339(start)
+                ));
+            }
+        }
+        // What is left had no counter: fine for a period the key does not limit.
+        let mut limited = BTreeSet::new();
+        for row in sqlx::query(
+            "SELECT id, CAST(CASE WHEN daily_limit_micros IS NULL THEN 0 ELSE 1 END AS BIGINT), \
+             CAST(CASE WHEN monthly_limit_micros IS NULL THEN 0 ELSE 1 END AS BIGINT) \
+             FROM api_keys WHERE daily_limit_micros IS NOT NULL OR monthly_limit_micros IS NOT NULL",
+        )
+        .fetch_all(pool)
+        .await?
+        {
+            let key: String = row.try_get(0)?;
+            for (column, period) in [(1, "day"), (2, "month")] {
+                if row.try_get::<i64, _>(column)? == 1 {
+                    limited.insert((key.clone(), period.to_owned()));
+                }
+            }
+        }
+        for ((key, period, start), sum) in expected {
+            if limited.contains(&(key.clone(), period.clone())) {
+                broken.push(format!(
+                    "key {key} spent {sum} micros in the {period} from {} without a spend counter",
+                    rfc3339(start)
+                ));
+            }
         }
         Ok(broken)
     }

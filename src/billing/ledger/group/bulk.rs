@@ -15,9 +15,8 @@
 //! The read runs under the batch's write lock (SQLite: `BEGIN IMMEDIATE` takes the
 //! database's one write lock before it; PostgreSQL: the batch lock, and `FOR UPDATE` on
 //! the ledger accounts), so nothing else changes the rows between the read and the
-//! write. The in-memory checks are the SQL ones: the key's spend limits (the sum of the
-//! key's non-refunded prices since the period start), the plan's monthly quota (the
-//! guarded counter), the guarded wallet debit, the low-balance crossing, the
+//! write. The in-memory checks are the SQL ones: the key's spend limits (its counter of
+//! the period, `key_spend_counters`), the plan's monthly quota (the guarded counter), the guarded wallet debit, the low-balance crossing, the
 //! `reserved → settled|refunded` guard; each operation sees the effects of those before
 //! it, and an operation that fails changes nothing (as its savepoint's rollback did).
 //!
@@ -34,8 +33,8 @@ use sqlx::{AnyConnection, Row};
 
 use super::{Job, Op};
 use crate::billing::ledger::{
-    BillingError, CallStats, HOLDS, Outcome, PLATFORM_REVENUE, Reservation, earnings_id, lock_rank,
-    period_start_ms, wallet_id,
+    BillingError, CallStats, HOLDS, Outcome, PLATFORM_REVENUE, Reservation, SPEND_PERIODS,
+    earnings_id, lock_rank, period_start_ms, spend_period, wallet_id,
 };
 use crate::billing::period::Month;
 use crate::billing::pricing::split_price;
@@ -61,8 +60,8 @@ impl From<rusqlite::Error> for Fallback {
 /// rather than one per call, so that PostgreSQL's twin [`PG_LOAD`] is one message).
 /// `$1` the finished calls' ids, `$2` the reserving wallets, `$3`
 /// the reserving accounts, `$4` the latest `at` of the batch, `$5` `[account, month]`
-/// of the reservations, `$6` `[key, since]` of the spend limits to check; see [`Loaded`]
-/// for what comes back.
+/// of the reservations, `$6` `[key, period, period start]` of the spend limits to check
+/// (their counters; a missing counter reads 0); see [`Loaded`] for what comes back.
 const SQLITE_LOAD: &str = "\
 SELECT json_object( \
  'calls', (SELECT json_group_array(jsonb_array(id, status, account_id, key_id, server_id, \
@@ -77,9 +76,9 @@ SELECT json_object( \
  WHERE (account_id, month) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM jsonb_each($5) \
  UNION SELECT account_id, strftime('%Y-%m', created_at / 1000, 'unixepoch') FROM calls \
  WHERE id IN (SELECT value FROM json_each($1)))), \
- 'spent', (SELECT json_group_array(jsonb_array(j.key, (SELECT COALESCE(SUM(price_micros), 0) FROM calls \
- WHERE key_id = json_extract(j.value, '$[0]') AND created_at >= json_extract(j.value, '$[1]') \
- AND status <> 'refunded'))) FROM jsonb_each($6) AS j), \
+ 'spent', (SELECT json_group_array(jsonb_array(j.key, COALESCE((SELECT spent_micros FROM key_spend_counters \
+ WHERE key_id = json_extract(j.value, '$[0]') AND period = json_extract(j.value, '$[1]') \
+ AND period_start = json_extract(j.value, '$[2]')), 0))) FROM jsonb_each($6) AS j), \
  'owners', (SELECT json_group_array(jsonb_array(id, owner_account_id)) FROM servers \
  WHERE id IN (SELECT server_id FROM calls WHERE id IN (SELECT value FROM json_each($1)))))";
 
@@ -188,17 +187,19 @@ SELECT json_build_object( \
  WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))) \
  AND account_id = ANY(ARRAY(SELECT e->>0 FROM jsonb_array_elements($5::jsonb) AS e UNION SELECT account_id FROM calls \
  WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))))), \
- 'spent', (SELECT COALESCE(json_agg(json_build_array(l.i - 1, (SELECT COALESCE(SUM(price_micros), 0) FROM calls \
- WHERE key_id = l.v->>0 AND created_at >= (l.v->>1)::bigint AND status <> 'refunded'))), '[]'::json) \
+ 'spent', (SELECT COALESCE(json_agg(json_build_array(l.i - 1, COALESCE((SELECT spent_micros FROM key_spend_counters \
+ WHERE key_id = l.v->>0 AND period = l.v->>1 AND period_start = (l.v->>2)::bigint), 0))), '[]'::json) \
  FROM jsonb_array_elements($6::jsonb) WITH ORDINALITY AS l(v, i)), \
  'owners', (SELECT COALESCE(json_agg(json_build_array(id, owner_account_id)), '[]'::json) FROM servers \
  WHERE id = ANY(ARRAY(SELECT server_id FROM calls WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb))))))\
 )::text";
 
-/// [`SQLITE_WRITES`] for PostgreSQL: one statement whose data-modifying `WITH` parts all
-/// run (foreign keys are checked at its end), fed the same seven arrays. `COMMIT`
-/// follows in its own round trip (a statement with parameters cannot hold two).
-const PG_WRITE: &str = "\
+/// The statement of [`PG_WRITE`] and [`PG_WRITE_WITHOUT_SPEND`]: `$spend` is the key
+/// spend counters' part, if any.
+macro_rules! pg_write {
+    ($spend:expr) => {
+        concat!(
+            "\
 WITH new_calls AS (INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, \
  fee_micros, status, hold_expires_at, created_at, request_bytes) \
  SELECT e->>0, e->>1, e->>2, e->>3, e->>4, (e->>5)::bigint, (e->>6)::bigint, (e->>7)::bigint, 'reserved', \
@@ -218,11 +219,38 @@ balances AS (UPDATE ledger_accounts SET balance = balance + (j->>1)::bigint, \
 alerts AS (INSERT INTO balance_alerts (id, account_id, kind, threshold_micros, balance_micros, call_id, created_at) \
  SELECT e->>0, e->>1, 'low_balance', (e->>2)::bigint, (e->>3)::bigint, e->>4, (e->>5)::bigint \
  FROM jsonb_array_elements($6::jsonb) AS e) \
+",
+            $spend,
+            "\
 INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
  SELECT e->>0, e->>1, (e->>2)::bigint, (e->>3)::bigint FROM jsonb_array_elements($7::jsonb) AS e \
- ON CONFLICT (account_id, month) DO UPDATE SET calls = excluded.calls, spent_micros = excluded.spent_micros";
+ ON CONFLICT (account_id, month) DO UPDATE SET calls = excluded.calls, spent_micros = excluded.spent_micros"
+        )
+    };
+}
 
-/// Everything the batch writes (seven statements, each fed one JSON array of rows as
+/// [`SQLITE_WRITES`] for PostgreSQL: one statement whose data-modifying `WITH` parts all
+/// run (foreign keys are checked at its end), fed the same nine arrays. `COMMIT`
+/// follows in its own round trip (a statement with parameters cannot hold two).
+const PG_WRITE: &str = pg_write!(
+    ", \
+spend_added AS (INSERT INTO key_spend_counters (key_id, period, period_start, spent_micros) \
+ SELECT e->>0, e->>1, (e->>2)::bigint, (e->>3)::bigint FROM jsonb_array_elements($8::jsonb) AS e \
+ ON CONFLICT (key_id, period, period_start) \
+ DO UPDATE SET spent_micros = key_spend_counters.spent_micros + excluded.spent_micros), \
+spend_taken AS (UPDATE key_spend_counters SET spent_micros = key_spend_counters.spent_micros - (j->>3)::bigint \
+ FROM jsonb_array_elements($9::jsonb) AS j WHERE key_spend_counters.key_id = j->>0 \
+ AND key_spend_counters.period = j->>1 AND key_spend_counters.period_start = (j->>2)::bigint) \
+"
+);
+
+/// [`PG_WRITE`] without the key spend counters' parts, fed the first seven arrays: the
+/// statement of a batch that changes no key spend counter (no key with a limit reserved
+/// and no call was refunded), which most batches are, so they do not pay for two more
+/// parts over empty arrays.
+const PG_WRITE_WITHOUT_SPEND: &str = pg_write!("");
+
+/// Everything the batch writes (nine statements, each fed one JSON array of rows as
 /// `?1`; a part whose array is empty is not run). `jsonb_each` (SQLite 3.45+) hands each row over as a
 /// JSONB blob, so the `json_extract`s of its columns do not parse its text again
 /// (`json_each` did, once per column: a fifth of a batch's time in `perf`).
@@ -232,7 +260,11 @@ INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
 /// reserved call (quadratic: 22 ms for a batch of 256 settlements). The in-memory guard
 /// decided that every call is still reserved, and the `calls_append_only` trigger
 /// aborts the update of a finished call (which sends the batch to the fallback).
-const SQLITE_WRITES: [&str; 7] = [
+/// The key spend counters come in two parts because the schema's `spent_micros >= 0`
+/// CHECK is applied to the row an upsert proposes before its conflict is seen: a
+/// counter the batch raised is upserted (created if new), one it lowered (refunds) is
+/// updated where it exists (a refunded call's key may limit neither period).
+const SQLITE_WRITES: [&str; 9] = [
     "\
 INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, \
  fee_micros, status, hold_expires_at, created_at, request_bytes) \
@@ -270,6 +302,18 @@ INSERT INTO usage_counters (account_id, month, calls, spent_micros) \
  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), \
  json_extract(value, '$[3]') FROM jsonb_each(?1) WHERE true \
  ON CONFLICT (account_id, month) DO UPDATE SET calls = excluded.calls, spent_micros = excluded.spent_micros",
+    "\
+INSERT INTO key_spend_counters (key_id, period, period_start, spent_micros) \
+ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), \
+ json_extract(value, '$[3]') FROM jsonb_each(?1) WHERE true \
+ ON CONFLICT (key_id, period, period_start) \
+ DO UPDATE SET spent_micros = key_spend_counters.spent_micros + excluded.spent_micros",
+    "\
+UPDATE key_spend_counters SET spent_micros = spent_micros - j.amount \
+ FROM (SELECT json_extract(value, '$[0]') AS key_id, json_extract(value, '$[1]') AS period, \
+ json_extract(value, '$[2]') AS period_start, json_extract(value, '$[3]') AS amount FROM jsonb_each(?1)) AS j \
+ WHERE key_spend_counters.key_id = j.key_id AND key_spend_counters.period = j.period \
+ AND key_spend_counters.period_start = j.period_start",
 ];
 
 /// A call row as the batch found it (and as its earlier operations left it).
@@ -306,11 +350,15 @@ struct State {
     plans: HashMap<String, Vec<PlanRow>>,
     /// `(account, month)` → `(calls, spent micros)`.
     usage: HashMap<(String, String), (i64, i64)>,
-    /// `(key, period start ms)` → spent micros.
-    spent: HashMap<(String, i64), i64>,
+    /// `(key, period, period start ms)` → spent micros: the counters of the spend
+    /// limits the batch checks.
+    spent: HashMap<SpendCounter, i64>,
     /// Server id → owner account id.
     owners: HashMap<String, String>,
 }
+
+/// A key's spend counter: `(key, period, period start ms)`.
+type SpendCounter = (String, &'static str, i64);
 
 /// The rows the batch writes, as the JSON arrays [`SQLITE_WRITES`] reads.
 #[derive(Default)]
@@ -325,6 +373,37 @@ struct Writes {
     alerts: Vec<Value>,
     /// `(account, month)` whose counter the batch changed.
     usage: BTreeSet<(String, String)>,
+    /// Spend counter → net change, micros.
+    key_spend: BTreeMap<SpendCounter, i64>,
+}
+
+impl Writes {
+    /// Counts `delta` micros in `key`'s spend counters of `periods` holding `made_at`
+    /// (the call's `created_at`, epoch ms), and in `read`, the batch's copies of the
+    /// counters it checks ([`State::spent`]). The rule is `Ledger`'s
+    /// (`count_key_spend` in `ledger/mod.rs`): a reservation counts in the periods its
+    /// key limits; a refund in the day and month of its call, where those counters exist
+    /// (the write of a lowered counter only updates existing rows).
+    fn count_key_spend<'p>(
+        &mut self,
+        read: &mut HashMap<SpendCounter, i64>,
+        key: &str,
+        periods: impl IntoIterator<Item = &'p str>,
+        made_at: i64,
+        delta: i64,
+    ) {
+        if delta == 0 {
+            return;
+        }
+        for period in periods {
+            let period = spend_period(period);
+            let counter = (key.to_owned(), period, period_start_ms(period, made_at));
+            if let Some(spent) = read.get_mut(&counter) {
+                *spent += delta;
+            }
+            *self.key_spend.entry(counter).or_default() += delta;
+        }
+    }
 }
 
 /// Runs `jobs` set-wise on SQLite, on the ledger writer's own connection (`writer.rs`):
@@ -403,8 +482,15 @@ pub(super) async fn run_postgres(
     let mut state = State::read(&text, &args.limits)?;
     let (results, writes) = decide(&mut state, jobs)?;
     if let Some(rows) = write_rows(&state, writes) {
-        let mut query = sqlx::query(PG_WRITE);
-        for rows in rows {
+        // `[]`: no key spend counter changes in this batch.
+        let spend = rows[7] != "[]" || rows[8] != "[]";
+        let (sql, parts) = if spend {
+            (PG_WRITE, 9)
+        } else {
+            (PG_WRITE_WITHOUT_SPEND, 7)
+        };
+        let mut query = sqlx::query(sql);
+        for rows in rows.into_iter().take(parts) {
             query = query.bind(rows);
         }
         query.execute(&mut *conn).await?;
@@ -470,8 +556,8 @@ struct LoadArgs {
     months: String,
     /// `$6`: [`Self::limits`] as JSON.
     limits_json: String,
-    /// `(key, since ms)` of the spend limits to check; the read answers by index.
-    limits: Vec<(String, i64)>,
+    /// The spend counters of the limits to check; the read answers by index.
+    limits: Vec<SpendCounter>,
 }
 
 impl LoadArgs {
@@ -480,7 +566,7 @@ impl LoadArgs {
         let mut wallets = Vec::new();
         let mut accounts = Vec::new();
         let mut months = Vec::new();
-        let mut limits: Vec<(String, i64)> = Vec::new();
+        let mut limits: Vec<SpendCounter> = Vec::new();
         let mut latest = i64::MIN;
         for job in jobs {
             latest = latest.max(job.at);
@@ -491,7 +577,8 @@ impl LoadArgs {
                     accounts.push(r.account_id.as_str());
                     months.push(json!([r.account_id, Month::of_ms(job.at).to_string()]));
                     for (_, period) in &r.spend_limits {
-                        let key = (r.key_id.clone(), period_start_ms(period, job.at));
+                        let period = spend_period(period);
+                        let key = (r.key_id.clone(), period, period_start_ms(period, job.at));
                         if !limits.contains(&key) {
                             limits.push(key);
                         }
@@ -514,7 +601,7 @@ impl LoadArgs {
 impl State {
     /// The state of the batch's read: `text` is its one JSON row ([`Loaded`]), `limits`
     /// the spend limits it was asked for ([`LoadArgs::limits`]).
-    fn read(text: &str, limits: &[(String, i64)]) -> Result<Self, Fallback> {
+    fn read(text: &str, limits: &[SpendCounter]) -> Result<Self, Fallback> {
         let loaded: Loaded = serde_json::from_str(text)
             .map_err(|e| Fallback(format!("the batch's read did not parse: {e}")))?;
         let mut state = State::default();
@@ -572,10 +659,14 @@ fn reserve(
 ) -> Result<Result<i64, BillingError>, Fallback> {
     let at = job.at;
     for (limit_micros, period) in &r.spend_limits {
-        let since = period_start_ms(period, at);
+        let counter = (
+            r.key_id.clone(),
+            spend_period(period),
+            period_start_ms(period, at),
+        );
         let spent = state
             .spent
-            .get(&(r.key_id.clone(), since))
+            .get(&counter)
             .copied()
             .ok_or_else(|| Fallback("a spend limit was not read".into()))?;
         if spent + r.price_micros > *limit_micros {
@@ -648,11 +739,8 @@ fn reserve(
     // Checks passed: apply.
     state.usage.insert(usage_key.clone(), counted);
     writes.usage.insert(usage_key);
-    for ((key, since), spent) in &mut state.spent {
-        if *key == r.key_id && at >= *since {
-            *spent += r.price_micros;
-        }
-    }
+    let limited = r.spend_limits.iter().map(|(_, period)| period.as_str());
+    writes.count_key_spend(&mut state.spent, &r.key_id, limited, at, r.price_micros);
     let (creator_micros, fee_micros) = split_price(r.price_micros, r.fee_bps);
     writes.new_calls.push(json!([
         r.call_id,
@@ -738,11 +826,13 @@ fn finish(
                 *spent -= price;
                 writes.usage.insert(key);
             }
-            for ((key, since), spent) in &mut state.spent {
-                if *key == call.key_id && call.created_at >= *since {
-                    *spent -= price;
-                }
-            }
+            writes.count_key_spend(
+                &mut state.spent,
+                &call.key_id,
+                SPEND_PERIODS,
+                call.created_at,
+                -price,
+            );
             w.balance += price;
             transfer(
                 writes,
@@ -791,11 +881,12 @@ fn transfer(
         .push(json!([id, kind, call_id, amount, memo, at]));
 }
 
-/// The seven arrays of rows the batch writes, as JSON text in the order of
+/// The nine arrays of rows the batch writes, as JSON text in the order of
 /// [`SQLITE_WRITES`] and [`PG_WRITE`]'s parameters (calls reserved, calls finished,
-/// transfers, entries, balances, alerts, usage counters); `None` when the batch writes
-/// nothing (every operation was refused).
-fn write_rows(state: &State, writes: Writes) -> Option<[String; 7]> {
+/// transfers, entries, balances, alerts, usage counters, key spend counters raised
+/// `[key, period, start, micros added]`, lowered `[…, micros taken]`); `None` when the
+/// batch writes nothing (every operation was refused).
+fn write_rows(state: &State, writes: Writes) -> Option<[String; 9]> {
     if writes.transfers.is_empty() {
         // Every write comes with a transfer: nothing was decided that writes.
         return None;
@@ -824,6 +915,14 @@ fn write_rows(state: &State, writes: Writes) -> Option<[String; 7]> {
         .into_iter()
         .map(|(account, (delta, alerted))| json!([account, delta, alerted]))
         .collect();
+    let (mut spend_added, mut spend_taken) = (Vec::new(), Vec::new());
+    for ((key, period, start), delta) in &writes.key_spend {
+        match delta.signum() {
+            1 => spend_added.push(json!([key, period, start, delta])),
+            -1 => spend_taken.push(json!([key, period, start, -delta])),
+            _ => {}
+        }
+    }
     Some(
         [
             writes.new_calls,
@@ -833,6 +932,8 @@ fn write_rows(state: &State, writes: Writes) -> Option<[String; 7]> {
             balances,
             writes.alerts,
             usage,
+            spend_added,
+            spend_taken,
         ]
         .map(|rows| Value::Array(rows).to_string()),
     )

@@ -324,4 +324,119 @@ mod tests {
         assert_eq!(calls, 0);
         store.close().await;
     }
+
+    /// A batch that falls back to one operation at a time (here: a call id reserved
+    /// twice) keeps the keys' spend counters as the set-wise form does: a reservation
+    /// adds its price, a refund takes it back, a spend limit reads the counter as the
+    /// operations before it left it, and `ledger verify` agrees with every counter.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn one_operation_at_a_time_counts_the_keys_spend() {
+        use crate::billing::ledger::{CallStats, Ledger, Outcome, Reservation};
+        use tokio::sync::oneshot;
+
+        let dir = tempfile::tempdir().expect("dir");
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let store = Store::connect(&url).await.expect("store");
+        let ledger = Ledger::new(store.clone());
+        let payer = crate::auth::accounts::create_account(&store, "payer")
+            .await
+            .expect("account");
+        let owner = crate::auth::accounts::create_account(&store, "owner")
+            .await
+            .expect("account");
+        ledger
+            .topup(&payer.id, 1_000_000, "grant")
+            .await
+            .expect("topup");
+        sqlx::query(
+            "INSERT INTO servers (id, slug, name, owner_account_id, price_micros, status, secret, \
+             timeout_ms, created_at, updated_at) VALUES ('s1', 's1', 's1', $1, 20000, 'active', 'x', 1000, 0, 0)",
+        )
+        .bind(&owner.id)
+        .execute(store.pool())
+        .await
+        .expect("server");
+        let p = 20_000;
+        let reservation = |call_id: &str, limits: Vec<(i64, String)>| Reservation {
+            call_id: call_id.into(),
+            account_id: payer.id.clone(),
+            key_id: "k1".into(),
+            server_id: "s1".into(),
+            tool: "t".into(),
+            price_micros: p,
+            fee_bps: 3000,
+            hold_expires_at: i64::MAX,
+            spend_limits: limits,
+            request_bytes: 10,
+        };
+        // The key's limits: 2 calls a day, 10 a month.
+        let limits = || vec![(2 * p, "day".to_owned()), (10 * p, "month".to_owned())];
+        ledger
+            .reserve(&reservation("c0", limits()))
+            .await
+            .expect("the first call, set-wise");
+
+        let ops = [
+            super::super::Op::Reserve(reservation("c1", limits())),
+            super::super::Op::Reserve(reservation("c2", limits())),
+            super::super::Op::Finish {
+                call_id: "c0".into(),
+                outcome: Outcome::Refunded,
+                error_kind: Some("upstream_error".into()),
+                stats: CallStats::default(),
+            },
+            super::super::Op::Reserve(reservation("c3", limits())),
+            // A call id reserved twice (by another key, without limits).
+            super::super::Op::Reserve(Reservation {
+                key_id: "k2".into(),
+                ..reservation("c1", Vec::new())
+            }),
+        ];
+        let at = ledger.now_ms();
+        let (mut jobs, mut answers) = (Vec::new(), Vec::new());
+        for op in ops {
+            let (reply, answer) = oneshot::channel();
+            jobs.push(Job {
+                ledger: ledger.clone(),
+                op,
+                at,
+                reply,
+            });
+            answers.push(answer);
+        }
+        let mut thread = Thread {
+            store: store.clone(),
+            file: dir.path().join("w.db"),
+            runtime: Handle::current(),
+            conn: None,
+        };
+        tokio::task::spawn_blocking(move || thread.batch(jobs))
+            .await
+            .expect("the batch ran");
+        let mut results = Vec::new();
+        for answer in answers {
+            results.push(answer.await.expect("an answer"));
+        }
+        assert!(results[0].is_ok(), "{results:?}");
+        assert!(
+            matches!(
+                results[1],
+                Err(BillingError::SpendLimit {
+                    spent_micros,
+                    ..
+                }) if spent_micros == 2 * p
+            ),
+            "c0 and c1 fill the day's limit: {results:?}"
+        );
+        assert!(results[2].is_ok(), "{results:?}");
+        assert!(results[3].is_ok(), "c0's refund made room: {results:?}");
+        assert!(
+            matches!(results[4], Err(BillingError::Store(_))),
+            "{results:?}"
+        );
+        assert_eq!(ledger.key_spend("k1", "day").await.expect("spend"), 2 * p);
+        assert_eq!(ledger.key_spend("k1", "month").await.expect("spend"), 2 * p);
+        assert_eq!(ledger.verify().await.expect("verify"), Vec::<String>::new());
+        store.close().await;
+    }
 }
