@@ -6,6 +6,9 @@
 //!   call; 32 and 256 = the group commit batches concurrent calls, 256 being the most
 //!   one batch takes). Throughput is settled calls per second;
 //! - `ledger/reserve+refund/1`: a failed call's two phases;
+//! - `ledger/reserve+settle limited/32`: the same by a key with a daily and a monthly
+//!   spend limit, after it made 50,000 calls in the day (each reservation checks both
+//!   limits);
 //! - `catalog/resolve`: `{slug}__{tool}` → server and tool, for an account that
 //!   installed 20 servers of 500 tools;
 //! - `gateway/tools_list/10000`: the `tools/list` answer of that account (10,000
@@ -57,9 +60,14 @@ struct World {
     allowed: Caller,
     account_id: String,
     key_id: String,
+    /// A key of the same account with [`LIMITS`].
+    limited_key_id: String,
     server_id: String,
     _dir: Option<tempfile::TempDir>,
 }
+
+/// The limited key's spend limits, micros: a day and a month, too high to refuse a call.
+const LIMITS: [(i64, &str); 2] = [(1_000_000_000_000, "day"), (1_000_000_000_000, "month")];
 
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -130,6 +138,19 @@ async fn world(backend: &str) -> World {
     .expect("key")
     .1;
     let key = authenticate(&app.store, &key).await.expect("the key works");
+    let limited = create_key(
+        &app.store,
+        "user",
+        &NewKey {
+            scopes: vec![Scope::Invoke],
+            spend_limits: LIMITS.iter().map(|(m, p)| (*m, (*p).to_owned())).collect(),
+            ..NewKey::default()
+        },
+    )
+    .await
+    .expect("key")
+    .0
+    .key_id;
     let allowed = create_key(
         &app.store,
         "user",
@@ -200,30 +221,47 @@ async fn world(backend: &str) -> World {
         },
         account_id: key.account_id,
         key_id: key.key_id,
+        limited_key_id: limited,
         server_id,
         app,
         _dir: dir,
     }
 }
 
-fn reservation(w: &World) -> Reservation {
+/// A reservation of one call by the bench key or, when `limited`, by the key with
+/// [`LIMITS`], so that the batch checks both (reading the key's spend counters).
+fn reservation(w: &World, limited: bool) -> Reservation {
     Reservation {
         call_id: uuid::Uuid::now_v7().to_string(),
         account_id: w.account_id.clone(),
-        key_id: w.key_id.clone(),
+        key_id: if limited {
+            w.limited_key_id.clone()
+        } else {
+            w.key_id.clone()
+        },
         server_id: w.server_id.clone(),
         tool: "tool_001".into(),
         price_micros: PRICE_MICROS,
         fee_bps: 3000,
         hold_expires_at: mcp_marketplace::store::now_ms() + 60_000,
-        spend_limits: Vec::new(),
+        spend_limits: if limited {
+            LIMITS.iter().map(|(m, p)| (*m, (*p).to_owned())).collect()
+        } else {
+            Vec::new()
+        },
         request_bytes: 20,
     }
 }
 
-/// Runs `iters` reserve+settle (or refund) pairs, `in_flight` at a time; returns the
-/// wall time.
-async fn calls(w: &Arc<World>, iters: u64, in_flight: u64, settle: bool) -> Duration {
+/// Runs `iters` reserve+settle (or refund) pairs, `in_flight` at a time, under spend
+/// limits when `limited`; returns the wall time.
+async fn calls(
+    w: &Arc<World>,
+    iters: u64,
+    in_flight: u64,
+    settle: bool,
+    limited: bool,
+) -> Duration {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..in_flight {
@@ -231,7 +269,7 @@ async fn calls(w: &Arc<World>, iters: u64, in_flight: u64, settle: bool) -> Dura
         let n = iters / in_flight + u64::from(i < iters % in_flight);
         tasks.push(tokio::spawn(async move {
             for _ in 0..n {
-                let r = reservation(&w);
+                let r = reservation(&w, limited);
                 w.app.ledger.reserve(&r).await.expect("reserve");
                 let stats = CallStats {
                     latency_ms: 1,
@@ -300,11 +338,24 @@ fn benches(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         for in_flight in [1u64, 32, 256] {
             g.bench_function(BenchmarkId::new("reserve+settle", in_flight), |b| {
-                b.iter_custom(|iters| rt.block_on(calls(&w, iters, in_flight, true)));
+                b.iter_custom(|iters| rt.block_on(calls(&w, iters, in_flight, true, false)));
             });
         }
         g.bench_function(BenchmarkId::new("reserve+refund", 1), |b| {
-            b.iter_custom(|iters| rt.block_on(calls(&w, iters, 1, false)));
+            b.iter_custom(|iters| rt.block_on(calls(&w, iters, 1, false, false)));
+        });
+        // Before it is measured (only when it is run), the limited key makes 50,000 calls
+        // (this day, this month; 100 in the smoke test of `cargo test`, which runs
+        // without `--bench`): its spend-limit check must not cost more as its calls
+        // accumulate.
+        let mut earlier = if std::env::args().any(|a| a == "--bench") {
+            50_000
+        } else {
+            100
+        };
+        g.bench_function(BenchmarkId::new("reserve+settle limited", 32), |b| {
+            rt.block_on(calls(&w, std::mem::take(&mut earlier), 256, true, true));
+            b.iter_custom(|iters| rt.block_on(calls(&w, iters, 32, true, true)));
         });
         g.finish();
 
