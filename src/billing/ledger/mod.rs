@@ -30,15 +30,16 @@
 //! The reserve also enforces, in the same transaction so concurrent calls cannot pass
 //! them together: the key's spend limits (its counter of each limited period in
 //! `key_spend_counters`, which every priced reservation of the key adds to and its
-//! refund takes back from; see `count_key_spend`), the plan's monthly call quota (a guarded
-//! increment of `usage_counters`), and the wallet balance (a guarded debit). The debit
-//! returns the wallet's low-balance threshold with the new balance, so detecting a
-//! crossing costs no extra query.
+//! refund takes back from; see `count_key_spend`), the plan's monthly call quota (a
+//! guarded increment of `usage_counters`), and the wallet balance (a guarded debit).
+//! The debit returns the wallet's low-balance threshold with the new balance, so
+//! detecting a crossing costs no extra query.
 //!
 //! Lock order. On PostgreSQL two transactions that lock the same rows in different
 //! orders can deadlock; every transaction here locks in one order: the call row, the
-//! key, the usage counter, then ledger accounts ranked wallet < holds < earnings <
-//! platform < external (see [`lock_rank`]; `write_entries` sorts by it). The call
+//! key, the usage counter, the key's spend counters, then ledger accounts ranked
+//! wallet < holds < earnings < platform < external (see [`lock_rank`];
+//! `write_entries` sorts by it). The call
 //! path's batches (`group.rs`) first take one advisory lock, so call rows, keys and
 //! usage counters are only ever locked by one batch at a time, and lock every ledger
 //! account they move up front, in that rank order.
@@ -472,6 +473,14 @@ impl Ledger {
                 resets_at_ms: month.end_ms(),
             });
         }
+        // The key's spend counters, before the ledger accounts (the lock order); a later
+        // refusal rolls them back with the rest.
+        let limited: Vec<&str> = r
+            .spend_limits
+            .iter()
+            .map(|(_, p)| spend_period(p))
+            .collect();
+        count_key_spend(tx, &r.key_id, &limited, at, r.price_micros).await?;
         let wallet = wallet_id(&r.account_id);
         let balance = if r.price_micros > 0 {
             debit_wallet(tx, &r.account_id, r.price_micros, at, Some(&r.call_id)).await?
@@ -496,12 +505,6 @@ impl Ledger {
         .bind(r.request_bytes.max(0))
         .execute(&mut **tx)
         .await?;
-        let limited: Vec<&str> = r
-            .spend_limits
-            .iter()
-            .map(|(_, p)| spend_period(p))
-            .collect();
-        count_key_spend(tx, &r.key_id, &limited, at, r.price_micros).await?;
         let transfer =
             insert_transfer(tx, "reserve", Some(&r.call_id), r.price_micros, "", at).await?;
         // The guarded debit above already moved the wallet's balance; only holds moves here.

@@ -16,8 +16,9 @@
 //! database's one write lock before it; PostgreSQL: the batch lock, and `FOR UPDATE` on
 //! the ledger accounts), so nothing else changes the rows between the read and the
 //! write. The in-memory checks are the SQL ones: the key's spend limits (its counter of
-//! the period, `key_spend_counters`), the plan's monthly quota (the guarded counter), the guarded wallet debit, the low-balance crossing, the
-//! `reserved → settled|refunded` guard; each operation sees the effects of those before
+//! the period, `key_spend_counters`), the plan's monthly quota (the guarded counter),
+//! the guarded wallet debit, the low-balance crossing, the `reserved →
+//! settled|refunded` guard; each operation sees the effects of those before
 //! it, and an operation that fails changes nothing (as its savepoint's rollback did).
 //!
 //! # When it gives up
@@ -251,8 +252,8 @@ spend_taken AS (UPDATE key_spend_counters SET spent_micros = key_spend_counters.
 const PG_WRITE_WITHOUT_SPEND: &str = pg_write!("");
 
 /// Everything the batch writes (nine statements, each fed one JSON array of rows as
-/// `?1`; a part whose array is empty is not run). `jsonb_each` (SQLite 3.45+) hands each row over as a
-/// JSONB blob, so the `json_extract`s of its columns do not parse its text again
+/// `?1`; a part whose array is empty is not run). `jsonb_each` (SQLite 3.45+) hands each
+/// row over as a JSONB blob, so the `json_extract`s of its columns do not parse its text again
 /// (`json_each` did, once per column: a fifth of a batch's time in `perf`).
 ///
 /// The `calls` update matches by id alone: with `AND status = 'reserved'` SQLite's
@@ -260,6 +261,7 @@ const PG_WRITE_WITHOUT_SPEND: &str = pg_write!("");
 /// reserved call (quadratic: 22 ms for a batch of 256 settlements). The in-memory guard
 /// decided that every call is still reserved, and the `calls_append_only` trigger
 /// aborts the update of a finished call (which sends the batch to the fallback).
+///
 /// The key spend counters come in two parts because the schema's `spent_micros >= 0`
 /// CHECK is applied to the row an upsert proposes before its conflict is seen: a
 /// counter the batch raised is upserted (created if new), one it lowered (refunds) is
