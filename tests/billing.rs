@@ -220,8 +220,9 @@ async fn quota_exhaustion_is_never_charged_and_refunds_give_calls_back() {
 /// Spend limits count the key's non-refunded prices of the UTC day and month the calls
 /// were made in (its spend counters): a refusal changes nothing, a refund gives its
 /// price back to the periods its call was made in (even once they are over), a new day
-/// starts the day's limit afresh while the month's still counts. `ledger verify` checks
-/// every counter against the calls, and that a limited period with spending has one.
+/// starts the day's limit afresh while the month's still counts, and a refund never
+/// fails over a counter. `ledger verify` checks every counter against the calls, and
+/// that a limited period with spending has one.
 #[tokio::test]
 async fn spend_limits_count_the_keys_calls_of_the_day_and_the_month() {
     for backend in backends() {
@@ -315,6 +316,22 @@ async fn spend_limits_count_the_keys_calls_of_the_day_and_the_month() {
                 "{period} {start} ({backend:?})"
             );
         }
+        b.assert_ok().await;
+
+        // A refund never fails over a counter that drifted below its price: the counter
+        // stops at zero.
+        b.at("2026-05-01T10:00:00Z");
+        let drifted = reserve().await.unwrap();
+        sqlx::query("UPDATE key_spend_counters SET spent_micros = 0 WHERE period_start >= $1")
+            .bind(ms("2026-05"))
+            .execute(b.store.pool())
+            .await
+            .unwrap();
+        b.ledger
+            .refund(&drifted, "upstream_error", Default::default())
+            .await
+            .expect("the refund goes through");
+        assert_eq!(spend().await, (0, 0));
         b.assert_ok().await;
 
         // Verify sees a counter that drifted from the calls, and one that is missing.

@@ -962,8 +962,12 @@ async fn key_spent(
 /// from the counters of the call's day and month that exist. A key's limits are fixed
 /// when it is created (`auth::keys::create_key`), so a counter holds every
 /// non-refunded price of its key in its period, and a key without limits costs its
-/// calls no counter write. A negative delta only lowers existing counters, and the
-/// schema's CHECK refuses to take one below zero ([`BillingError::Store`]).
+/// calls no counter write. A negative delta only lowers existing counters, and never
+/// below zero: a refund must not fail over a limit's bookkeeping (a counter that
+/// drifted from its calls is `ledger verify`'s to report).
+///
+/// # Errors
+/// [`BillingError::Store`].
 async fn count_key_spend(
     tx: &mut Tx<'_>,
     key_id: &str,
@@ -977,7 +981,8 @@ async fn count_key_spend(
              VALUES ($1, $2, $3, $4) ON CONFLICT (key_id, period, period_start) \
              DO UPDATE SET spent_micros = key_spend_counters.spent_micros + $4"
         } else if delta < 0 {
-            "UPDATE key_spend_counters SET spent_micros = spent_micros + $4 \
+            "UPDATE key_spend_counters \
+             SET spent_micros = CASE WHEN spent_micros + $4 < 0 THEN 0 ELSE spent_micros + $4 END \
              WHERE key_id = $1 AND period = $2 AND period_start = $3"
         } else {
             return Ok(());

@@ -239,7 +239,7 @@ spend_added AS (INSERT INTO key_spend_counters (key_id, period, period_start, sp
  SELECT e->>0, e->>1, (e->>2)::bigint, (e->>3)::bigint FROM jsonb_array_elements($8::jsonb) AS e \
  ON CONFLICT (key_id, period, period_start) \
  DO UPDATE SET spent_micros = key_spend_counters.spent_micros + excluded.spent_micros), \
-spend_taken AS (UPDATE key_spend_counters SET spent_micros = key_spend_counters.spent_micros - (j->>3)::bigint \
+spend_taken AS (UPDATE key_spend_counters SET spent_micros = GREATEST(key_spend_counters.spent_micros - (j->>3)::bigint, 0) \
  FROM jsonb_array_elements($9::jsonb) AS j WHERE key_spend_counters.key_id = j->>0 \
  AND key_spend_counters.period = j->>1 AND key_spend_counters.period_start = (j->>2)::bigint) \
 "
@@ -265,7 +265,8 @@ const PG_WRITE_WITHOUT_SPEND: &str = pg_write!("");
 /// The key spend counters come in two parts because the schema's `spent_micros >= 0`
 /// CHECK is applied to the row an upsert proposes before its conflict is seen: a
 /// counter the batch raised is upserted (created if new), one it lowered (refunds) is
-/// updated where it exists (a refunded call's key may limit neither period).
+/// updated where it exists (a refunded call's key may limit neither period), never
+/// below zero (as `count_key_spend` in `ledger/mod.rs`).
 const SQLITE_WRITES: [&str; 9] = [
     "\
 INSERT INTO calls (id, account_id, key_id, server_id, tool, price_micros, creator_micros, \
@@ -311,7 +312,7 @@ INSERT INTO key_spend_counters (key_id, period, period_start, spent_micros) \
  ON CONFLICT (key_id, period, period_start) \
  DO UPDATE SET spent_micros = key_spend_counters.spent_micros + excluded.spent_micros",
     "\
-UPDATE key_spend_counters SET spent_micros = spent_micros - j.amount \
+UPDATE key_spend_counters SET spent_micros = MAX(spent_micros - j.amount, 0) \
  FROM (SELECT json_extract(value, '$[0]') AS key_id, json_extract(value, '$[1]') AS period, \
  json_extract(value, '$[2]') AS period_start, json_extract(value, '$[3]') AS amount FROM jsonb_each(?1)) AS j \
  WHERE key_spend_counters.key_id = j.key_id AND key_spend_counters.period = j.period \
@@ -401,7 +402,7 @@ impl Writes {
             let period = spend_period(period);
             let counter = (key.to_owned(), period, period_start_ms(period, made_at));
             if let Some(spent) = read.get_mut(&counter) {
-                *spent += delta;
+                *spent = (*spent + delta).max(0);
             }
             *self.key_spend.entry(counter).or_default() += delta;
         }
