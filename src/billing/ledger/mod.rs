@@ -39,10 +39,10 @@
 //! orders can deadlock; every transaction here locks in one order: the call row, the
 //! key, the usage counter, the key's spend counters, then ledger accounts ranked
 //! wallet < holds < earnings < platform < external (see [`lock_rank`];
-//! `write_entries` sorts by it). The call
-//! path's batches (`group.rs`) first take one advisory lock, so call rows, keys and
-//! usage counters are only ever locked by one batch at a time, and lock every ledger
-//! account they move up front, in that rank order.
+//! `write_entries` sorts by it). The call path's batches (`group.rs`) first take one
+//! advisory lock, so call rows, keys, usage counters and spend counters are only ever
+//! locked by one batch at a time, and lock every ledger account they move up front, in
+//! that rank order.
 //!
 //! The folder: this file holds the types, the money movements and their primitives;
 //! `subscriptions.rs` plans and the booking of their monthly fees and credits;
