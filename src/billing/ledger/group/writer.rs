@@ -337,7 +337,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let url = format!("sqlite://{}", dir.path().join("w.db").display());
         let store = Store::connect(&url).await.expect("store");
-        let ledger = Ledger::new(store.clone());
+        // A clock that stays put: every operation falls in one day and one month.
+        let clock = crate::billing::period::ManualClock::new(1_780_000_000_000);
+        let ledger = Ledger::new(store.clone()).with_clock(std::sync::Arc::new(clock));
         let payer = crate::auth::accounts::create_account(&store, "payer")
             .await
             .expect("account");
